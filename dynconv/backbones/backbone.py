@@ -1,0 +1,104 @@
+"""A torchvision/timm network plus what dynconv needs to know about it.
+
+`Backbone` keeps the original network untouched (`self.net`, so its state_dict keys are the library's own)
+and adds: where each convertible layer sits (role, stage, block) for the conversion pass, and
+`forward_features`, the multi-scale feature maps (strides 4..32) that detection necks consume.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from dynconv.registry import Registry
+
+
+@dataclass(frozen=True)
+class Place:
+    role: str
+    stage: int
+    block: str | None
+
+
+@dataclass(frozen=True)
+class PlaceRule:
+    """`pattern` (a full-match regex over the module name) -> role, stage and block.
+
+    `stage` is an int or the index of a regex group (as "g1") whose integer value plus `stage_offset` is the
+    stage; `block` is a regex group index whose match is the block name. `role` may be "auto": pointwise
+    for 1x1, depthwise for groups == channels, conv otherwise.
+    """
+
+    pattern: str
+    role: str
+    stage: int | str = 0
+    stage_offset: int = 0
+    block_group: int | None = None
+
+    def match(self, name: str, module: nn.Module) -> Place | None:
+        found = re.fullmatch(self.pattern, name)
+        if not found:
+            return None
+        if isinstance(self.stage, str):
+            stage = int(found.group(int(self.stage[1:]))) + self.stage_offset
+        else:
+            stage = self.stage
+        block = found.group(self.block_group) if self.block_group is not None else None
+        return Place(infer_role(module) if self.role == "auto" else self.role, stage, block)
+
+
+def infer_role(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            return "depthwise"
+        return "pointwise" if tuple(module.kernel_size) == (1, 1) else "conv"
+    return "pointwise"
+
+
+FeatureFn = Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]
+
+
+class Backbone(nn.Module):
+    """Classification network + layer places + multi-scale features."""
+
+    def __init__(
+        self,
+        name: str,
+        net: nn.Module,
+        rules: list[PlaceRule],
+        features: FeatureFn,
+        feature_channels: list[int],
+        feature_strides: list[int],
+        default_resolution: int = 224,
+    ):
+        super().__init__()
+        self.name = name
+        self.net = net
+        self.rules = rules
+        self._features = features
+        self.feature_channels = feature_channels
+        self.feature_strides = feature_strides
+        self.default_resolution = default_resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feature maps keyed "C2".."C5" by log2 of their stride (the FPN naming)."""
+        maps = self._features(self.net, x)
+        return {f"C{stride.bit_length() - 1}": fmap for stride, fmap in zip(self.feature_strides, maps)}
+
+    def place(self, name: str, module: nn.Module) -> Place:
+        """Where the layer `name` (relative to `self.net`) sits; every conv/linear must be described."""
+        for rule in self.rules:
+            found = rule.match(name, module)
+            if found is not None:
+                return found
+        raise LookupError(f"backbone {self.name}: no placement rule describes layer {name!r} ({module})")
+
+
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "backbone")

@@ -1,0 +1,219 @@
+"""The training loop: one epoch of forward/backward/step, everything else in hooks.
+
+Hot path per step: move the batch, forward under autocast, backward, optimizer step, hooks. No host
+synchronisation happens here (loss values stay on the device; hooks that print them do so every N steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dynconv.engine.checkpoint import capture_rng_state, restore_rng_state
+from dynconv.engine.distributed import DistInfo, all_reduce_sum
+from dynconv.engine.hooks import Hook
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        task,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        train_loader,
+        train_sampler,
+        val_loader,
+        dist: DistInfo,
+        epochs: int,
+        config: dict[str, Any],
+        amp_dtype: torch.dtype | None = None,
+        clip_grad: float | None = None,
+        channels_last: bool = False,
+        compile_model: bool = False,
+        log: logging.Logger | None = None,
+    ):
+        self.model = model
+        self.task = task
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.train_sampler = train_sampler
+        self.val_loader = val_loader
+        self.dist = dist
+        self.epochs = epochs
+        self.config = config
+        self.amp_dtype = amp_dtype
+        self.clip_grad = clip_grad
+        self.channels_last = channels_last
+        self.log = log or logging.getLogger("dynconv")
+        # fp16 needs loss scaling; bf16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(dist.device.type) if amp_dtype == torch.float16 else None
+
+        self.train_model: nn.Module = model
+        if dist.distributed:
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=device_ids)
+        if compile_model:
+            self.train_model = torch.compile(self.train_model)
+
+        self.hooks: list[Hook] = []
+        self.updates_per_epoch = len(train_loader)
+        self.epoch = 0
+        self.start_epoch = 0
+        self.epochs_done = 0
+        self.global_step = 0
+        self.batches_done = 0  # batches finished in the current epoch (non-zero only after a mid-epoch resume)
+        self.resumed_from: int | None = None
+        self.last_loss = torch.zeros(())
+        self.last_batch_size = 0
+        self.epoch_loss = float("nan")
+        self.metrics: dict[str, float] = {}
+        self.best_metrics: dict[str, float] = {}
+        self.scalars: dict[str, float] = {}  # per-step extras for the loggers (operator temperatures, ...)
+        self.skipped_images: list[str] = []
+        self.stop_reason: str | None = None
+        self.exit_code = 0
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def register_hooks(self, hooks: list[Hook]) -> None:
+        self.hooks.extend(h for h in hooks if h is not None)
+
+    def _call(self, event: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self)
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.dist.device.type, dtype=self.amp_dtype)
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def request_stop(self, reason: str, exit_code: int = 0) -> None:
+        self.stop_reason, self.exit_code = reason, exit_code
+
+    def train(self) -> None:
+        self._call("before_train")
+        for epoch in range(self.start_epoch, self.epochs):
+            self.epoch = epoch
+            self.train_sampler.set_epoch(epoch)
+            self.train_sampler.set_start(self.batches_done * self.train_loader.batch_size)
+            self._call("before_epoch")
+            self._run_epoch()
+            if self.stop_reason:
+                break
+            self._call("after_epoch")
+            self.epochs_done = epoch + 1
+            self.batches_done = 0
+        self._call("after_train")
+
+    def _run_epoch(self) -> None:
+        self.train_model.train()
+        device = self.dist.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen = torch.zeros((), dtype=torch.float64, device=device)
+        skipped_before = len(self.skipped_images)
+        for batch in self.train_loader:
+            self.skipped_images.extend(batch[2])
+            if batch[0] is None:  # the whole batch was undecodable images
+                continue
+            self._call("before_step")
+            inputs, targets = self.task.prepare_batch(batch, device, training=True)
+            if self.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                outputs = self.train_model(inputs)
+                loss = self.task.loss(outputs, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._backward_and_step(loss)
+
+            self.global_step += 1
+            self.batches_done += 1
+            self.last_loss = loss.detach()
+            self.last_batch_size = inputs.shape[0]
+            loss_sum += self.last_loss.double() * self.last_batch_size
+            seen += self.last_batch_size
+            self._call("after_step")
+            if self.stop_reason:
+                return
+        totals = all_reduce_sum(torch.stack([loss_sum, seen]))
+        self.epoch_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        newly_skipped = self.skipped_images[skipped_before:]
+        if newly_skipped:
+            shown = ", ".join(newly_skipped[:10]) + (" ..." if len(newly_skipped) > 10 else "")
+            self.log.warning("epoch %d: skipped %d undecodable image(s) on rank %d: %s", self.epoch + 1,
+                             len(newly_skipped), self.dist.rank, shown)
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.clip_grad:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.optimizer.step()
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        metrics = self.task.evaluate(model, self.val_loader, self.dist.device, self.autocast, self.channels_last)
+        model.train()
+        return metrics
+
+    def record_eval(self, metrics: dict[str, float]) -> None:
+        self.metrics = {**metrics, "epoch": self.epoch + 1, "train_loss": self.epoch_loss}
+        if metrics.get("top1", float("-inf")) >= self.best_metrics.get("top1", float("-inf")):
+            self.best_metrics = dict(self.metrics)
+        self.log.info("epoch %d/%d: %s", self.epoch + 1, self.epochs,
+                      " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()))
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_payload(self, *, epochs_done: int, batches_done: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict()},
+            "epoch": epochs_done,
+            "batches_done": batches_done,
+            "global_step": self.global_step,
+            "rng": capture_rng_state(),
+            "metrics": dict(self.metrics),
+            "best_metrics": dict(self.best_metrics),
+            "world_size": self.dist.world_size,
+            "config": self.config,
+        }
+
+    def resume(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload.get("scheduler") is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None and payload.get("scaler") is not None:
+            self.scaler.load_state_dict(payload["scaler"])
+        hook_states = payload.get("hooks", {})
+        for hook in self.hooks:
+            if type(hook).__name__ in hook_states:
+                hook.load_state_dict(hook_states[type(hook).__name__])
+        self.start_epoch = self.epoch = self.epochs_done = int(payload["epoch"])
+        self.batches_done = int(payload.get("batches_done", 0))
+        self.global_step = int(payload["global_step"])
+        self.metrics = dict(payload.get("metrics", {}))
+        self.best_metrics = dict(payload.get("best_metrics", {}))
+        self.resumed_from = self.start_epoch
+        if payload.get("world_size", 1) == self.dist.world_size:
+            restore_rng_state(payload["rng"])

@@ -1,0 +1,191 @@
+"""One training run, from a validated config to the final metrics (what train.py calls).
+
+Order matters for "nothing is lost, nothing is half-written": validate everything (config, data layout,
+resume compatibility) before the first byte goes to the run directory; then build, train, and write
+metrics.json atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dynconv.build import build_backbone
+from dynconv.config import ConfigError, checkpoint_mismatch, validate_train_config
+from dynconv.engine import hooks as H
+from dynconv.engine.checkpoint import load_checkpoint
+from dynconv.engine.distributed import DistInfo, init_distributed
+from dynconv.engine.trainer import Trainer
+
+log = logging.getLogger("dynconv")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _amp_dtype(mode: str) -> torch.dtype | None:
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def _find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    return Path(cfg.resume)
+
+
+def _build_optimizer_and_scheduler(model, recipe, updates_per_epoch: int):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = create_optimizer_v2(model, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                    momentum=recipe.momentum)
+    sched = recipe.sched
+    if sched == "none":
+        return optimizer, None
+    # timm calls linear decay "poly" with power 1 (decay_rate is the power there).
+    timm_sched, decay_rate = ("poly", 1.0) if sched == "linear" else (sched, recipe.decay_rate)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=timm_sched,
+        num_epochs=recipe.epochs,
+        decay_epochs=recipe.decay_epochs,
+        decay_milestones=list(recipe.decay_milestones),
+        decay_rate=decay_rate,
+        min_lr=recipe.min_lr,
+        warmup_lr=recipe.warmup_lr,
+        warmup_epochs=recipe.warmup_epochs,
+        step_on_epochs=False,  # per-iteration updates: smooth warmup and decay at any batch size
+        updates_per_epoch=updates_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+def _silence_other_ranks(dist: DistInfo) -> None:
+    """Only rank 0 writes logs: drop file handlers elsewhere and keep warnings on the console."""
+    if dist.is_main:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+    logging.getLogger("dynconv").setLevel(logging.WARNING)
+
+
+def _write_json_atomic(payload: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
+    """Train as configured; return (final metrics for the JSON line, process exit code)."""
+    validate_train_config(cfg)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    resume_path = _find_resume_checkpoint(cfg, run_dir)
+    payload = None
+    if resume_path is not None:
+        payload = load_checkpoint(resume_path)
+        mismatch = checkpoint_mismatch(payload.get("config", {}), config_dict)
+        if mismatch:
+            raise ConfigError(
+                f"{resume_path} was trained with a different model ({'; '.join(mismatch)}); "
+                "use another hydra.run.dir, or resume=never to start over"
+            )
+
+    dist = init_distributed(cfg.device, cfg.dist.backend)
+    _silence_other_ranks(dist)
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+
+    from dynconv.data import build_classification_data
+    from dynconv.tasks import TASKS
+
+    data = build_classification_data(cfg.data, cfg.recipe, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
+    built = build_backbone(cfg.backbone, config_dict["op"], cfg.attn, num_classes=data.num_classes,
+                           image_size=cfg.data.image_size)
+    task = TASKS.get(cfg.task.name)(cfg.task, cfg.recipe, data.num_classes)
+    model = task.build_model(built.backbone)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if dist.is_main:
+        log.info("%s\nparameters: %s", built.summary(), f"{params:,}")
+    if cfg.recipe.sync_bn and dist.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(dist.device)
+    if cfg.recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    optimizer, scheduler = _build_optimizer_and_scheduler(model, cfg.recipe, len(data.train_loader))
+    trainer = Trainer(
+        model=model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=data.train_loader,
+        train_sampler=data.train_sampler, val_loader=data.val_loader, dist=dist, epochs=cfg.recipe.epochs,
+        config=config_dict, amp_dtype=_amp_dtype(cfg.recipe.amp), clip_grad=cfg.recipe.clip_grad,
+        channels_last=cfg.recipe.channels_last, compile_model=cfg.recipe.compile, log=log,
+    )
+    ema_hook = H.EMAHook(model, cfg.recipe.ema.decay) if cfg.recipe.ema.enabled else None
+    # Order is the call order: the lr is set before the step; a stop request is raised before the
+    # checkpoint hook looks for it; evaluation runs before the checkpoint records its metrics.
+    trainer.register_hooks([
+        H.OperatorScheduleHook(),
+        H.LRScheduleHook(scheduler) if scheduler is not None else None,
+        ema_hook,
+        H.PreemptionHook(),
+        H.EvalHook(cfg.recipe.eval_every, ema_hook),
+        H.CheckpointHook(run_dir / "checkpoints", cfg.checkpoint.save_best) if cfg.checkpoint.enabled else None,
+        H.TensorBoardHook(run_dir / "tensorboard", cfg.log.every) if dist.is_main and cfg.log.tensorboard else None,
+        H.ProgressHook(cfg.log.every) if dist.is_main and cfg.log.progress_bar else None,
+    ])
+    if payload is not None:
+        trainer.resume(payload)
+        log.info("resumed from %s (epoch %d, batch %d)", resume_path, trainer.start_epoch, trainer.batches_done)
+        del payload
+
+    started = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - started
+
+    metrics = trainer.metrics
+    result = {
+        "top1": metrics.get("top1"),
+        "top5": metrics.get("top5"),
+        "loss": metrics.get("loss"),
+        "best_top1": trainer.best_metrics.get("top1"),
+        "epochs": trainer.epochs_done,
+        "world_size": dist.world_size,
+        "run_dir": str(run_dir.resolve()),
+        "resumed_from": trainer.resumed_from,
+        "status": "stopped" if trainer.stop_reason else "completed",
+        "params": params,
+        "train_time_s": round(elapsed, 2),
+        "skipped_images": len(trainer.skipped_images),
+    }
+    for key in ("ema_top1", "ema_top5"):
+        if key in metrics:
+            result[key] = metrics[key]
+    if trainer.stop_reason:
+        result["stop_reason"] = trainer.stop_reason
+    if dist.is_main:
+        _write_json_atomic({**result, "history_last": metrics, "best": trainer.best_metrics}, run_dir / "metrics.json")
+    return result, trainer.exit_code

@@ -1,0 +1,55 @@
+"""Train a backbone x operator x task from Hydra configs.
+
+    python train.py                                  # quickstart on the embedded digits
+    python train.py backbone=resnet50 op=condconv op.experts=4 data=imagenet data.root=/imagenet
+    torchrun --standalone --nproc_per_node=8 train.py experiment=resnet18_condconv_imagenet
+    python train.py -m op.experts=4,8                # a sweep
+
+The last stdout line is one JSON object with the final metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dynconv.config import ConfigError, register_resolvers
+from dynconv.engine.checkpoint import CorruptCheckpointError
+from dynconv.engine.distributed import cleanup_distributed
+
+register_resolvers()
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates the run directory before our checks run; a rejected config must leave nothing."""
+    try:
+        run_dir.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from dynconv.training import run_training
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result, exit_code = run_training(cfg, run_dir)
+    except (ConfigError, CorruptCheckpointError) as error:
+        _remove_if_empty(run_dir)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup_distributed()
+    print(json.dumps(result), flush=True)
+    if exit_code:
+        sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    main()
