@@ -125,6 +125,10 @@ class Trainer:
         for batch in self.train_loader:
             self.skipped_images.extend(batch[2])
             if batch[0] is None:  # the whole batch was undecodable images
+                if self.dist.distributed:
+                    # Skipping here would leave the other ranks waiting in their gradient all-reduce.
+                    raise RuntimeError(f"rank {self.dist.rank}: every image of a batch is undecodable "
+                                       f"({', '.join(batch[2][:5])} ...); clean the dataset or use one process")
                 continue
             self._call("before_step")
             inputs, targets = self.task.prepare_batch(batch, device, training=True)
