@@ -48,7 +48,7 @@ def _find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     return Path(cfg.resume)
 
 
-def _build_optimizer_and_scheduler(model, recipe, updates_per_epoch: int):
+def build_optimizer_and_scheduler(model, recipe, updates_per_epoch: int):
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
@@ -90,6 +90,26 @@ def _write_json_atomic(payload: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Path) -> list[H.Hook]:
+    """The hooks of a training run, in call order.
+
+    The lr is set before the step; a stop request is raised before the checkpoint hook looks for it;
+    evaluation runs before the checkpoint records its metrics; loggers come last.
+    """
+    ema_hook = H.EMAHook(model, cfg.recipe.ema.decay) if cfg.recipe.ema.enabled else None
+    hooks = [
+        H.OperatorScheduleHook(),
+        H.LRScheduleHook(scheduler) if scheduler is not None else None,
+        ema_hook,
+        H.PreemptionHook(),
+        H.EvalHook(cfg.recipe.eval_every, ema_hook),
+        H.CheckpointHook(run_dir / "checkpoints", cfg.checkpoint.save_best) if cfg.checkpoint.enabled else None,
+        H.TensorBoardHook(run_dir / "tensorboard", cfg.log.every) if dist.is_main and cfg.log.tensorboard else None,
+        H.ProgressHook(cfg.log.every) if dist.is_main and cfg.log.progress_bar else None,
+    ]
+    return [hook for hook in hooks if hook is not None]
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
@@ -137,26 +157,14 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
     if cfg.recipe.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    optimizer, scheduler = _build_optimizer_and_scheduler(model, cfg.recipe, len(data.train_loader))
+    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.recipe, len(data.train_loader))
     trainer = Trainer(
         model=model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=data.train_loader,
         train_sampler=data.train_sampler, val_loader=data.val_loader, dist=dist, epochs=cfg.recipe.epochs,
         config=config_dict, amp_dtype=_amp_dtype(cfg.recipe.amp), clip_grad=cfg.recipe.clip_grad,
         channels_last=cfg.recipe.channels_last, compile_model=cfg.recipe.compile, log=log,
     )
-    ema_hook = H.EMAHook(model, cfg.recipe.ema.decay) if cfg.recipe.ema.enabled else None
-    # Order is the call order: the lr is set before the step; a stop request is raised before the
-    # checkpoint hook looks for it; evaluation runs before the checkpoint records its metrics.
-    trainer.register_hooks([
-        H.OperatorScheduleHook(),
-        H.LRScheduleHook(scheduler) if scheduler is not None else None,
-        ema_hook,
-        H.PreemptionHook(),
-        H.EvalHook(cfg.recipe.eval_every, ema_hook),
-        H.CheckpointHook(run_dir / "checkpoints", cfg.checkpoint.save_best) if cfg.checkpoint.enabled else None,
-        H.TensorBoardHook(run_dir / "tensorboard", cfg.log.every) if dist.is_main and cfg.log.tensorboard else None,
-        H.ProgressHook(cfg.log.every) if dist.is_main and cfg.log.progress_bar else None,
-    ])
+    trainer.register_hooks(default_hooks(cfg, model, scheduler, dist, run_dir))
     if payload is not None:
         trainer.resume(payload)
         log.info("resumed from %s (epoch %d, batch %d)", resume_path, trainer.start_epoch, trainer.batches_done)

@@ -1,0 +1,70 @@
+"""Evaluate a checkpoint: rebuild the model from its stored config, score it, count its cost."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dynconv.build import build_backbone
+from dynconv.config import ConfigError, validate_data_config, validate_model_config
+from dynconv.engine.checkpoint import load_checkpoint
+from dynconv.engine.distributed import init_distributed
+from dynconv.profiling import count_macs, count_params, fold_for_inference
+
+
+def _merge_overrides(stored: dict[str, Any], cfg: DictConfig) -> DictConfig:
+    run_cfg = OmegaConf.create(stored)
+    for section in ("data", "recipe"):
+        for key, value in cfg[section].items():
+            if value is not None:
+                OmegaConf.update(run_cfg, f"{section}.{key}", value, force_add=True)
+    return run_cfg
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    from dynconv.data import build_classification_data
+    from dynconv.tasks import TASKS
+
+    if cfg.weights not in ("model", "ema"):
+        raise ConfigError(f"weights={cfg.weights!r} is invalid; allowed values: model, ema")
+    payload = load_checkpoint(cfg.checkpoint)
+    run_cfg = _merge_overrides(payload["config"], cfg)
+    validate_model_config(run_cfg)
+    validate_data_config(run_cfg)
+    state = payload["model"]
+    if cfg.weights == "ema":
+        ema_state = payload.get("hooks", {}).get("EMAHook", {}).get("ema")
+        if ema_state is None:
+            raise ConfigError(f"weights=ema but {cfg.checkpoint} holds no EMA weights (recipe.ema.enabled was false)")
+        state = ema_state
+
+    dist = init_distributed(cfg.device)
+    data = build_classification_data(run_cfg.data, run_cfg.recipe, rank=dist.rank, world_size=dist.world_size,
+                                     seed=run_cfg.seed)
+    built = build_backbone(run_cfg.backbone, OmegaConf.to_container(run_cfg.op, resolve=True), run_cfg.attn,
+                           num_classes=data.num_classes, image_size=run_cfg.data.image_size)
+    task = TASKS.get(run_cfg.task.name)(run_cfg.task, run_cfg.recipe, data.num_classes)
+    model = task.build_model(built.backbone)
+    model.load_state_dict(state)
+    model.to(dist.device)
+    metrics = task.evaluate(model, data.val_loader, dist.device, contextlib.nullcontext)
+
+    size = int(run_cfg.data.image_size)
+    macs = count_macs(model, (3, size, size))
+    return {
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "loss": metrics["loss"],
+        "samples": metrics["samples"],
+        "params": count_params(model),
+        "params_inference": count_params(fold_for_inference(model)),
+        "macs": macs.total,
+        "input_size": [3, size, size],
+        "checkpoint": str(cfg.checkpoint),
+        "weights": cfg.weights,
+        "epoch": payload.get("epoch"),
+        "world_size": dist.world_size,
+    }

@@ -1,0 +1,40 @@
+"""Evaluate a checkpoint written by train.py: top-1/top-5 on the validation split, params and MACs.
+
+    python eval.py checkpoint=outputs/<run>/checkpoints/best.pt
+    torchrun --standalone --nproc_per_node=8 eval.py checkpoint=... data.root=/imagenet
+
+The model is rebuilt from the config stored in the checkpoint, so no model flags are needed.
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dynconv.config import ConfigError, register_resolvers
+from dynconv.engine.checkpoint import CorruptCheckpointError
+from dynconv.engine.distributed import cleanup_distributed
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from dynconv.evaluation import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(cfg)
+    except (ConfigError, CorruptCheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup_distributed()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

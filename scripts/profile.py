@@ -1,0 +1,64 @@
+"""Parameters and MACs of a backbone x operator x attention, as the papers count them.
+
+    python scripts/profile.py backbone=resnet18 op=condconv op.experts=8
+
+Prints a readable summary, then, as the last stdout line, one JSON object:
+{"params": int, "params_inference": int, "macs": int, "input_size": [3, H, W], ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dynconv.cli import compose_or_exit, drop_scripts_dir_from_path  # noqa: E402
+
+drop_scripts_dir_from_path(__file__)
+
+from omegaconf import OmegaConf  # noqa: E402
+
+
+
+def main(argv: list[str]) -> int:
+    cfg = compose_or_exit("profile", argv, validate="model")
+    from dynconv.build import build_backbone
+    from dynconv.profiling import count_macs, count_params, fold_for_inference
+
+    resolution = cfg.profile.resolution or cfg.backbone.default_resolution
+    built = build_backbone(cfg.backbone, OmegaConf.to_container(cfg.op, resolve=True), cfg.attn,
+                           num_classes=cfg.profile.num_classes, image_size=resolution)
+    model = built.backbone
+    input_size = (3, resolution, resolution)
+    params = count_params(model)
+    folded = fold_for_inference(model)
+    params_inference = count_params(folded)
+    macs = count_macs(model, input_size)
+
+    print(built.summary())
+    if cfg.profile.layers:
+        for decision in built.decisions:
+            state = "converted" if decision.converted else f"static: {decision.reason}"
+            print(f"  {decision.layer.name:40s} {decision.layer.shape_str():45s} {state}")
+    print(f"input            {input_size}")
+    print(f"params           {params:>15,}  ({params / 1e6:.2f}M)")
+    print(f"params_inference {params_inference:>15,}  ({params_inference / 1e6:.2f}M)")
+    print(f"MACs             {macs.total:>15,}  ({macs.total / 1e9:.3f}G)")
+    for name, count in sorted(macs.by_module.items(), key=lambda item: -item[1])[:8]:
+        print(f"  {name:30s} {count / 1e6:10.2f}M MACs")
+    print(json.dumps({
+        "params": params,
+        "params_inference": params_inference,
+        "macs": macs.total,
+        "input_size": list(input_size),
+        "backbone": cfg.backbone.name,
+        "op": built.operator.describe(),
+        "attn": cfg.attn.name,
+        "converted_layers": sum(d.converted for d in built.decisions),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
