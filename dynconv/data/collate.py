@@ -1,0 +1,43 @@
+"""Batch collation that drops corrupt samples and says which files they were.
+
+Why: in non-strict mode one bad JPEG in ImageNet must not kill a multi-day run,
+but silently training on fewer images hides data problems.  So the batch keeps
+going and carries the list of skipped paths for the trainer to log.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch.utils.data import default_collate
+
+from dynconv.data.image_folder import CorruptSample
+
+__all__ = ["collate_skip_corrupt"]
+
+
+def collate_skip_corrupt(batch: Sequence[Any]) -> tuple[Any, Any, list[str]]:
+    """Collate ``(image, target)`` samples, dropping :class:`CorruptSample` markers.
+
+    Always returns a 3-tuple ``(images, targets, skipped_paths)``:
+
+    * normal batch: ``(Tensor[B, C, H, W], Tensor[B], [])``
+    * some corrupt: the good samples are collated (B shrinks) and
+      ``skipped_paths`` lists the bad files.
+    * all corrupt: ``(None, None, skipped_paths)``; the caller must skip the
+      step (but still log the paths).
+    """
+    good = []
+    skipped: list[str] = []
+    for sample in batch:
+        if isinstance(sample, CorruptSample):
+            skipped.append(sample.path)
+        elif sample is None:
+            # A plain None comes from some other dataset; no path to report.
+            skipped.append("<unknown>")
+        else:
+            good.append(sample)
+    if not good:
+        return None, None, skipped
+    images, targets = default_collate(good)
+    return images, targets, skipped

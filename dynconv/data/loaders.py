@@ -1,0 +1,157 @@
+"""Build the train/val DataLoaders for a classification run from the configs.
+
+Why one entry point: the trainer should not know which dataset is used, how
+sampling is made deterministic, or how corrupt files are handled; it gets two
+loaders, the train sampler (for ``set_epoch`` / ``set_start``) and the classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from dynconv.data.collate import collate_skip_corrupt
+from dynconv.data.digits import ensure_digits_imagefolder
+from dynconv.data.image_folder import RobustImageFolder, validate_imagefolder_root
+from dynconv.data.seeded import EpochSampler, SeededDataset
+from dynconv.data.transforms import build_transforms
+
+__all__ = ["ClassificationData", "build_classification_data", "DATASET_NAMES"]
+
+DATASET_NAMES = ("digits", "imagefolder", "imagenet")
+
+
+@dataclass
+class ClassificationData:
+    """What the trainer needs.  Batches are ``(images, targets, skipped_paths)``."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_sampler: EpochSampler
+    num_classes: int
+    class_names: list[str]
+    val_sampler: EpochSampler | None = None
+
+
+def _resolve_root(data_cfg: Mapping[str, Any]) -> Path:
+    name = str(data_cfg.get("name", "")).lower()
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset name {data_cfg.get('name')!r}; valid: {', '.join(DATASET_NAMES)}")
+    if data_cfg.get("root") is None:
+        raise ValueError(f"data.root must be set for dataset {name!r}")
+    root = Path(str(data_cfg.get("root"))).expanduser()
+    if name == "digits":
+        return ensure_digits_imagefolder(root, int(data_cfg.get("image_size", 32)))
+    # imagefolder and imagenet share the layout DIR/{train,val}/<class>/*.
+    validate_imagefolder_root(root)
+    return root
+
+
+def _limit(dataset, max_samples):
+    """A fixed random subset of at most `max_samples` (for smoke tests and debugging runs).
+
+    The subset depends only on the dataset size, not on the run's seed, so runs that differ in seed
+    still see the same images.
+    """
+    if max_samples is None or int(max_samples) >= len(dataset):
+        return dataset
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[: int(max_samples)]
+    return Subset(dataset, sorted(chosen.tolist()))
+
+
+def _loader(
+    dataset,
+    sampler: EpochSampler,
+    *,
+    batch_size: int,
+    drop_last: bool,
+    num_workers: int,
+    pin_memory: bool,
+    persistent_workers: bool,
+    seed: int,
+) -> DataLoader:
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=persistent_workers,
+        collate_fn=collate_skip_corrupt,
+        # A private generator: DataLoader draws a base seed from it each epoch,
+        # which would otherwise advance the global torch RNG.  Augmentation
+        # randomness comes from the per-sample seeds, not from this.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def build_classification_data(
+    data_cfg: Mapping[str, Any],
+    recipe_cfg: Mapping[str, Any],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    pin_memory: bool | None = None,
+) -> ClassificationData:
+    """Create train/val loaders for ``data_cfg.name`` in {digits, imagefolder, imagenet}.
+
+    Train: shuffled, padded so every rank has the same number of steps;
+    ``recipe_cfg.drop_last`` (default True) drops each rank's last partial batch.
+    Val: not shuffled, sharded ``r::world_size`` without padding, so each
+    sample is evaluated exactly once; ranks may get one sample more or less,
+    so reduce metrics after the loop rather than with per-batch collectives.
+    """
+    root = _resolve_root(data_cfg)
+    strict = bool(data_cfg.get("strict", True))
+    aug_cfg = recipe_cfg.get("aug") or {}
+    train_set = RobustImageFolder(root / "train", transform=build_transforms(data_cfg, aug_cfg, True), strict=strict)
+    val_set = RobustImageFolder(root / "val", transform=build_transforms(data_cfg, aug_cfg, False), strict=strict)
+    if train_set.classes != val_set.classes:
+        # Labels are indices into the sorted class list; a mismatch would shift them.
+        raise ValueError(f"train and val classes differ under {root}")
+
+    num_classes = len(train_set.classes)
+    configured = data_cfg.get("num_classes")
+    if configured is not None and int(configured) != num_classes:
+        raise ValueError(f"data.num_classes={configured} but {root / 'train'} has {num_classes} class folders")
+
+    class_names = list(train_set.classes)
+    train_set = _limit(train_set, data_cfg.get("max_train_samples"))
+    val_set = _limit(val_set, data_cfg.get("max_val_samples"))
+
+    num_workers = int(data_cfg.get("num_workers", 0) or 0)
+    if pin_memory is None:
+        pin_memory = bool(data_cfg.get("pin_memory", False))
+    common: dict[str, Any] = dict(
+        num_workers=num_workers,
+        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
+        persistent_workers=bool(data_cfg.get("persistent_workers", False)) and num_workers > 0,
+        seed=seed,
+    )
+    batch_size = int(recipe_cfg.get("batch_size"))
+    eval_batch_size = int(recipe_cfg.get("eval_batch_size") or 2 * batch_size)
+    drop_last = bool(recipe_cfg.get("drop_last", True))
+
+    train_sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    val_sampler = EpochSampler(len(val_set), shuffle=False, seed=seed, rank=rank, world_size=world_size, pad=False)
+    train_loader = _loader(train_set, train_sampler, batch_size=batch_size, drop_last=drop_last, **common)
+    val_loader = _loader(val_set, val_sampler, batch_size=eval_batch_size, drop_last=False, **common)
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"training set too small: {train_sampler.num_samples} samples per rank < batch_size={batch_size} "
+            "with drop_last=True; lower the batch size or set drop_last=False"
+        )
+    return ClassificationData(
+        train_loader=train_loader,
+        val_loader=val_loader,
+        train_sampler=train_sampler,
+        num_classes=num_classes,
+        class_names=class_names,
+        val_sampler=val_sampler,
+    )
