@@ -35,7 +35,8 @@ class Registry(Generic[T]):
         except KeyError:
             raise UnknownNameError(
                 f"{self.config_key}={name!r} is not a known {self.kind}; "
-                f"valid values: {', '.join(sorted(self._entries))}"
+                f"valid values: {', '.join(sorted(self._entries))} "
+                f"(select one with {self.config_key.split('.')[0]}=NAME)"
             ) from None
 
     def names(self) -> list[str]:

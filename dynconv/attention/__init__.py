@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 from dynconv.backbones import Backbone
 from dynconv.registry import Registry
 
-ATTENTIONS: Registry[Callable[[Backbone, Mapping[str, Any]], str]] = Registry("attention add-on", "attn")
+ATTENTIONS: Registry[Callable[[Backbone, Mapping[str, Any]], str]] = Registry("attention add-on", "attn.name")
 
 
 @ATTENTIONS.register("none")

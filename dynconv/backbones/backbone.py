@@ -101,4 +101,4 @@ class Backbone(nn.Module):
         raise LookupError(f"backbone {self.name}: no placement rule describes layer {name!r} ({module})")
 
 
-BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "backbone")
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "backbone.name")

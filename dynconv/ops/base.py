@@ -132,7 +132,7 @@ class Operator:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in knobs.items())})"
 
 
-OPERATORS: Registry[type[Operator]] = Registry("operator", "op")
+OPERATORS: Registry[type[Operator]] = Registry("operator", "op.name")
 
 
 def require_positive_int(cfg: Mapping[str, Any], key: str, op_name: str) -> int:

@@ -37,4 +37,4 @@ class Task:
         raise NotImplementedError
 
 
-TASKS: Registry[type[Task]] = Registry("task", "task")
+TASKS: Registry[type[Task]] = Registry("task", "task.name")
