@@ -35,6 +35,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def to_channels_last(model: torch.nn.Module) -> None:
+    """channels_last for every 4-D weight; `Module.to(memory_format=...)` would also try the 5-D expert
+    banks of dynamic operators, which have no channels_last layout, and fail."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+
+
 def _amp_dtype(mode: str) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
@@ -98,7 +106,8 @@ def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Pa
     The lr is set before the step; a stop request is raised before the checkpoint hook looks for it;
     evaluation runs before the checkpoint records its metrics; loggers come last.
     """
-    ema_hook = H.EMAHook(model, cfg.recipe.ema.decay) if cfg.recipe.ema.enabled else None
+    ema = cfg.recipe.ema
+    ema_hook = H.EMAHook(model, ema.decay, warmup=ema.warmup) if ema.enabled else None
     hooks = [
         H.OperatorScheduleHook(),
         H.LRScheduleHook(scheduler) if scheduler is not None else None,
@@ -155,7 +164,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(dist.device)
     if cfg.recipe.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
 
     optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.recipe, len(data.train_loader))
     trainer = Trainer(

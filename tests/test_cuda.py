@@ -1,0 +1,57 @@
+"""GPU checks (skipped without CUDA): the per-sample routines and a mixed-precision training step on CUDA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynconv.build import build_backbone
+from dynconv.ops.per_sample_conv import mixture_conv2d, per_sample_conv2d
+from dynconv.training import to_channels_last
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize("algorithm", ["folded", "loop", "auto"])
+def test_per_sample_conv_on_cuda_matches_cpu_reference(groups, algorithm):
+    """The folded grouped convolution on cuDNN equals per-sample F.conv2d computed on the CPU (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+    weight = torch.randn(3, 8, 8 // groups, 3, 3, dtype=torch.float64)
+    bias = torch.randn(3, 8, dtype=torch.float64)
+    expected = torch.cat([F.conv2d(x[b : b + 1], weight[b], bias[b], 2, 1, 1, groups) for b in range(3)])
+    got = per_sample_conv2d(x.cuda(), weight.cuda(), bias.cuda(), 2, 1, 1, groups, algorithm=algorithm)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["kernels", "outputs"])
+def test_mixture_conv_on_cuda(mode):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 7, 7, dtype=torch.float64)
+    experts = torch.randn(3, 6, 6, 3, 3, dtype=torch.float64)
+    coefficients = torch.rand(4, 3, dtype=torch.float64)
+    kernels = (coefficients @ experts.flatten(1)).view(4, 6, 6, 3, 3)
+    expected = torch.cat([F.conv2d(x[b : b + 1], kernels[b], None, 1, 1) for b in range(4)])
+    got = mixture_conv2d(x.cuda(), experts.cuda(), coefficients.cuda(), None, 1, 1, mode=mode)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_condconv_resnet18_trains_under_amp_and_channels_last(amp_dtype):
+    """A CondConv ResNet18 step under autocast with channels_last gives a finite loss and changes weights."""
+    torch.manual_seed(0)
+    model = build_backbone({"name": "resnet18"}, {"name": "condconv", "experts": 2}, {"name": "none"},
+                           num_classes=10, image_size=64).backbone.cuda()
+    to_channels_last(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), device="cuda")
+    before = model.net.layer1[0].conv1.weight.detach().clone()
+    with torch.autocast("cuda", dtype=amp_dtype):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, model.net.layer1[0].conv1.weight.detach())
