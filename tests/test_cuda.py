@@ -47,11 +47,14 @@ def test_condconv_resnet18_trains_under_amp_and_channels_last(amp_dtype):
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), device="cuda")
-    before = model.net.layer1[0].conv1.weight.detach().clone()
+    # timm zero-initialises each residual branch's last BN, so on the first step only layers on the
+    # identity path (the downsample shortcuts) receive gradient.
+    shortcut = model.net.layer2[0].downsample[0]
+    before = shortcut.weight.detach().clone()
     with torch.autocast("cuda", dtype=amp_dtype):
         loss = F.cross_entropy(model(x), y)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     assert torch.isfinite(loss)
-    assert not torch.equal(before, model.net.layer1[0].conv1.weight.detach())
+    assert not torch.equal(before, shortcut.weight.detach())
