@@ -7,6 +7,7 @@ loaders, the train sampler (for ``set_epoch`` / ``set_start``) and the classes.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,6 +52,14 @@ def _resolve_root(data_cfg: Mapping[str, Any]) -> Path:
     return root
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1: SLURM signals every process of a job step, and a worker that died
+    of it would crash the main process before it could save its preemption checkpoint. The main process
+    shuts its workers down itself when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _limit(dataset, max_samples):
     """A fixed random subset of at most `max_samples` (for smoke tests and debugging runs).
 
@@ -83,6 +92,7 @@ def _loader(
         drop_last=drop_last,
         persistent_workers=persistent_workers,
         collate_fn=collate_skip_corrupt,
+        worker_init_fn=ignore_stop_signals,
         # A private generator: DataLoader draws a base seed from it each epoch,
         # which would otherwise advance the global torch RNG.  Augmentation
         # randomness comes from the per-sample seeds, not from this.
