@@ -11,6 +11,7 @@ The last stdout line is one JSON object with the final metrics.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,13 +25,29 @@ from dynconv.engine.distributed import cleanup_distributed
 
 register_resolvers()
 
+# Read before Hydra runs: whether the output root existed decides whether a rejected run may remove it.
+OUTPUT_ROOT = Path(os.environ.get("DYNCONV_OUTPUT_DIR", "outputs")).resolve()
+OUTPUT_ROOT_EXISTED = OUTPUT_ROOT.exists()
+
 
 def _remove_if_empty(run_dir: Path) -> None:
-    """Hydra creates the run directory before our checks run; a rejected config must leave nothing."""
-    try:
-        run_dir.rmdir()  # only succeeds when empty
-    except OSError:
-        pass
+    """Hydra creates the run directory (and <date>/ above it) before our checks run; a rejected config must
+    leave nothing. Removes the run folder if empty, then its empty parents up to the output root, and the
+    root itself only if this launch created it. Folders outside the output root other than the run folder
+    itself are never touched (they may be the user's)."""
+    run_dir = run_dir.resolve()
+    for folder in (run_dir, *run_dir.parents):
+        inside_root = folder == OUTPUT_ROOT or OUTPUT_ROOT in folder.parents
+        if folder != run_dir and not inside_root:
+            return
+        if folder == OUTPUT_ROOT and OUTPUT_ROOT_EXISTED:
+            return
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        if folder == OUTPUT_ROOT:
+            return
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

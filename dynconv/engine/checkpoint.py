@@ -70,11 +70,20 @@ def capture_rng_state() -> dict[str, Any]:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype("int64")), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         # Python's state is a tuple of ints: store it as a tensor so weights_only loading accepts it.
-        "python": {"version": random.getstate()[0], "state": torch.tensor(random.getstate()[1], dtype=torch.int64)},
+        "python": _python_rng_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _python_rng_state() -> dict[str, Any]:
+    """random.getstate() as tensors and floats (weights_only-loadable), including the cached Gaussian
+    that random.gauss() returns next (timm's RandAugment draws magnitudes with it)."""
+    import random
+
+    version, internal, gauss_next = random.getstate()
+    return {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -86,6 +95,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype("uint32"), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
-    random.setstate((state["python"]["version"], tuple(state["python"]["state"].tolist()), None))
+    python = state["python"]
+    gauss_next = python.get("gauss_next")
+    gauss_next = None if gauss_next is None else float(gauss_next)
+    random.setstate((python["version"], tuple(python["state"].tolist()), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -205,8 +205,9 @@ class Trainer:
     def resume(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        if self.scheduler is not None and payload.get("scheduler") is not None:
-            self.scheduler.load_state_dict(payload["scheduler"])
+        # The lr schedule is not restored: timm's schedulers are functions of the update count, which
+        # LRScheduleHook re-applies from global_step, and their saved state holds the old run's length
+        # (t_initial), which would silently override a changed recipe.epochs when a run is extended.
         if self.scaler is not None and payload.get("scaler") is not None:
             self.scaler.load_state_dict(payload["scaler"])
         hook_states = payload.get("hooks", {})

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 Algorithm = Literal["auto", "folded", "bmm", "loop"]
+ALGORITHMS = ("auto", "folded", "bmm", "loop")
 _CANONICAL = contextvars.ContextVar("dynconv_canonical_cost", default=False)
 
 # CPU: below this many output positions the im2col+bmm path beats a grouped convolution (measured on
@@ -84,6 +85,8 @@ def per_sample_conv2d(
 
     bias, if given, is per sample: (B, O). Any stride, padding, dilation and groups (depthwise included).
     """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(ALGORITHMS)}")
     batch, channels = x.shape[:2]
     if weight.dim() != 5 or weight.shape[0] != batch:
         raise ValueError(f"per-sample weight must be (B={batch}, O, C/g, kh, kw), got {tuple(weight.shape)}")
@@ -113,8 +116,6 @@ def per_sample_conv2d(
         if bias is not None:
             out = out + bias.unsqueeze(-1)
         return out.view(batch, out_channels, out_h, out_w)
-    if algorithm != "folded":
-        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: auto, folded, bmm, loop")
     folded = F.conv2d(
         x.reshape(1, batch * channels, *x.shape[2:]),
         weight.reshape(batch * out_channels, *weight.shape[2:]),

@@ -1,0 +1,131 @@
+"""Shared fixtures for the engine / CLI tests.
+
+- `data_dir` (session): one temporary DYNCONV_DATA_DIR for the whole session, so the digits ImageFolder is
+  written once and every `train.py` subprocess reuses it instead of touching the checkout's `data/`.
+- `run_train` / `train_env`: run `train.py` (or `torchrun train.py`) from the repository root with a clean,
+  hermetic environment and parse the last stdout line as the result JSON.
+- `compose_cfg`: compose `configs/train.yaml` in-process, lightning-hydra-template style.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+TRAIN_PY = REPO / "train.py"
+
+# The fastest settings that still exercise the whole pipeline (loaders, train loop, eval, checkpoints).
+SMOKE = [
+    "data.max_train_samples=128",
+    "data.max_val_samples=64",
+    "data.num_workers=0",
+    "recipe.batch_size=32",
+    "recipe.epochs=2",
+    "log.progress_bar=false",
+]
+CONDCONV2 = ["op=condconv", "op.experts=2"]
+
+# Variables that would make a subprocess behave like part of someone else's launch.
+_LEAKY_ENV = (
+    "DYNCONV_OUTPUT_DIR", "DYNCONV_RUN_NAME", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID",
+    "SUBMITIT_EXECUTOR", "HYDRA_FULL_ERROR", "IMAGENET_DIR",
+)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A session-wide DYNCONV_DATA_DIR with the digits tree already written (once, before any subprocess)."""
+    from dynconv.data import ensure_digits_imagefolder
+
+    root = tmp_path_factory.mktemp("dynconv-data")
+    ensure_digits_imagefolder(root / "digits", image_size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_env(data_dir) -> Callable[..., dict[str, str]]:
+    """Build a subprocess environment: the inherited one minus launcher variables, plus DYNCONV_DATA_DIR."""
+
+    def make(extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _LEAKY_ENV}
+        env["DYNCONV_DATA_DIR"] = str(data_dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra or {})
+        return env
+
+    return make
+
+
+def last_json_line(stdout: str) -> dict[str, Any] | None:
+    """The result JSON: train.py's contract is that it is the last non-empty stdout line."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        return None
+    try:
+        value = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def train_command(args: Sequence[str], tmp_path: Path | None, *, launcher: Sequence[str] | None = None) -> list[str]:
+    """`python train.py args` (or `python -m <launcher> train.py args`); hydra.run.dir defaults to tmp_path/run."""
+    args = [str(a) for a in args]
+    multirun = "-m" in args or "--multirun" in args
+    if tmp_path is not None and not multirun and not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+    return [sys.executable, *(launcher or []), str(TRAIN_PY), *args]
+
+
+@pytest.fixture(scope="session")
+def run_train(train_env) -> Callable[..., tuple[subprocess.CompletedProcess, dict[str, Any] | None]]:
+    """run_train(args, tmp_path, env=None, timeout=300, launcher=None) -> (completed process, last-line JSON).
+
+    Runs from the repository root with `sys.executable`. `tmp_path=None` leaves hydra.run.dir unset.
+    """
+
+    def run(args, tmp_path, env=None, timeout=300, launcher=None):
+        completed = subprocess.run(
+            train_command(args, tmp_path, launcher=launcher),
+            cwd=REPO,
+            env=train_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return completed, last_json_line(completed.stdout)
+
+    return run
+
+
+def describe(completed: subprocess.CompletedProcess) -> str:
+    """Assertion context: the exit code and the tails of both streams."""
+    return f"exit {completed.returncode}\n--- stdout ---\n{completed.stdout[-3000:]}\n--- stderr ---\n{completed.stderr[-3000:]}"
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(overrides=(), return_hydra_config=False) -> DictConfig of configs/train.yaml."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dynconv.config import register_resolvers
+
+    register_resolvers()
+
+    def make(overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = "train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            return compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    yield make
+    GlobalHydra.instance().clear()

@@ -1,0 +1,132 @@
+"""Every backbone x operator trains one step; multi-scale features; what the conversion pass decides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dynconv.backbones import BACKBONES, Backbone
+from dynconv.build import build_backbone
+from dynconv.ops.condconv import CondConv2d
+
+OPS = {
+    "static": {"name": "static"},
+    "condconv": {"name": "condconv", "experts": 2, "keep_static": []},
+}
+ATTN = {"name": "none"}
+
+
+def _build(name: str, op: str, image_size: int = 32, num_classes: int = 10):
+    torch.manual_seed(0)
+    return build_backbone({"name": name}, OPS[op], ATTN, num_classes=num_classes, image_size=image_size)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_one_training_step(name, op):
+    """Forward, backward and an SGD step work for every registered backbone with both operators.
+
+    The loss must be finite, every trainable parameter that took part must get a finite gradient, and the
+    step must change the weights. With condconv, every converted layer's expert weights and routing must be
+    in the autograd graph (a bypassed or detached dynamic layer gets no gradient) and at least one converted
+    layer must actually move (ResNets zero-init the last BN of each block, so block convs may get exactly
+    zero gradient on the very first step; shortcut projections and other families do not).
+    """
+    built = _build(name, op)
+    model = built.backbone.train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([1, 7])
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits = model(x)
+    assert logits.shape == (2, 10)
+    loss = F.cross_entropy(logits, y)
+    assert torch.isfinite(loss)
+    optimizer.zero_grad()
+    loss.backward()
+    for pname, param in model.named_parameters():
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all(), pname
+    optimizer.step()
+    changed = [k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])]
+    assert changed, "the SGD step changed no parameter"
+    cond_layers = [m for m in model.modules() if isinstance(m, CondConv2d)]
+    if op == "condconv":
+        converted = [d for d in built.decisions if d.converted]
+        assert len(cond_layers) == len(converted)
+        for module_name, module in model.named_modules():
+            if isinstance(module, CondConv2d):
+                assert module.weight.grad is not None, f"{module_name}: expert weights got no gradient"
+                assert module.routing.weight.grad is not None, f"{module_name}: routing got no gradient"
+        if cond_layers:
+            moved = [n for n, m in model.named_modules() if isinstance(m, CondConv2d) and f"{n}.weight" in changed]
+            assert moved, "no converted layer's expert weights changed"
+    else:
+        assert not cond_layers and not any(d.converted for d in built.decisions)
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_forward_features_channels_and_strides(name):
+    """forward_features returns C2..C5 (DeiT: one map) whose channels and strides match what the backbone declares.
+
+    Detection necks size themselves from `feature_channels` / `feature_strides`; a mismatch breaks them.
+    At a 64x64 input a map of stride s must be (64/s) x (64/s).
+    """
+    built = _build(name, "static", image_size=64)
+    backbone = built.backbone.eval()
+    with torch.no_grad():
+        features = backbone.forward_features(torch.randn(2, 3, 64, 64))
+    strides, channels = backbone.feature_strides, backbone.feature_channels
+    assert len(strides) == len(channels) == len(features)
+    if name.startswith("deit"):
+        assert len(features) == 1
+    else:
+        assert list(features) == ["C2", "C3", "C4", "C5"]
+        assert strides == [4, 8, 16, 32]
+    for (key, fmap), stride, chans in zip(features.items(), strides, channels):
+        assert key == f"C{stride.bit_length() - 1}"
+        assert fmap.dim() == 4 and fmap.shape[0] == 2
+        assert fmap.shape[1] == chans, f"{key}: {fmap.shape[1]} channels, declared {chans}"
+        assert tuple(fmap.shape[-2:]) == (64 // stride, 64 // stride), f"{key} at stride {stride}"
+
+
+def test_resnet18_condconv_conversion_decisions():
+    """ResNet18 + CondConv: the stem and the classifier stay static with a stated reason; every other conv
+    (block convs and shortcut projections) becomes CondConv2d with the original geometry."""
+    original = _build("resnet18", "static").backbone
+    built = _build("resnet18", "condconv")
+    decisions = {d.layer.name: d for d in built.decisions}
+    assert not decisions["conv1"].converted and "stem" in decisions["conv1"].reason
+    assert not decisions["fc"].converted and "classifier" in decisions["fc"].reason
+    net = built.backbone.net
+    assert type(net.conv1) is nn.Conv2d and type(net.fc) is nn.Linear
+    original_convs = {n: m for n, m in original.net.named_modules() if isinstance(m, nn.Conv2d)}
+    assert len(original_convs) == 20
+    for layer_name, conv in original_convs.items():
+        module = net.get_submodule(layer_name)
+        if layer_name == "conv1":
+            continue
+        assert decisions[layer_name].converted and decisions[layer_name].reason == ""
+        assert isinstance(module, CondConv2d), layer_name
+        assert module.experts == 2
+        assert (module.in_channels, module.out_channels, module.groups) == (conv.in_channels, conv.out_channels, conv.groups)
+        assert module.kernel_size == tuple(conv.kernel_size) and module.stride == conv.stride
+    assert "layer2.0.downsample.0" in decisions and decisions["layer2.0.downsample.0"].converted
+    assert "converted 19 of 21" in built.summary()
+
+
+def test_unknown_layer_raises_lookup_error():
+    """A layer no placement rule describes is an error naming the layer (never a silent default role)."""
+    from dynconv.backbones.timm_backbones import RESNET_RULES
+    from dynconv.convert import convert
+    from dynconv.ops import OPERATORS
+
+    full = _build("resnet18", "static").backbone
+    rules = [r for r in RESNET_RULES if "downsample" not in r.pattern]
+    partial = Backbone("resnet18-partial", full.net, rules, full._features, full.feature_channels,
+                       full.feature_strides)
+    operator = OPERATORS.get("condconv")({"name": "condconv", "experts": 2})
+    with pytest.raises(LookupError, match=r"layer2\.0\.downsample\.0"):
+        convert(partial, operator)
