@@ -21,7 +21,8 @@ def test_torchrun_two_processes_one_run_dir(run_train, tmp_path):
     outputs = tmp_path / "outputs"
     env = {"DYNCONV_OUTPUT_DIR": str(outputs), "OMP_NUM_THREADS": "1"}
     completed, result = run_train(
-        [*CONDCONV2, *SMOKE, "recipe.epochs=1"], None, env=env, timeout=400,
+        # device=cpu: this is the gloo test, also on a machine with fewer GPUs than processes.
+        [*CONDCONV2, *SMOKE, "recipe.epochs=1", "device=cpu"], None, env=env, timeout=400,
         launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
     )
     assert completed.returncode == 0, describe(completed)

@@ -46,6 +46,11 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible: start at "
+                "most one process per GPU (torchrun --nproc_per_node), or pass device=cpu to train on the CPU (gloo)"
+            )
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
     else:
