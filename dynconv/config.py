@@ -126,6 +126,9 @@ def validate_recipe_config(cfg: DictConfig) -> None:
     on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if amp == "fp16" and not on_cuda:
         raise ConfigError("recipe.amp=fp16 needs a CUDA device; allowed on CPU: none, bf16")
+    if _get(cfg, "recipe.sync_bn") and not on_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("recipe.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm runs on GPU modules only); "
+                          "allowed on CPU: false")
     resume = _get(cfg, "resume")
     if resume not in ("auto", "never") and not Path(str(resume)).is_file():
         raise ConfigError(f"resume={resume!r}: no such checkpoint file; allowed values: auto, never, a checkpoint path")
