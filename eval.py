@@ -13,7 +13,7 @@ import json
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dynconv.config import ConfigError, register_resolvers
 from dynconv.engine.checkpoint import CorruptCheckpointError

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dynconv.build import build_backbone

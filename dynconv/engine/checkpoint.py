@@ -60,8 +60,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def capture_rng_state() -> dict[str, Any]:
-    import random
-
     import numpy as np
 
     np_state = np.random.get_state()

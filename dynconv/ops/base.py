@@ -7,7 +7,7 @@ An operator may refuse with a reason; refused layers stay static and the reason 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch.nn as nn
