@@ -1,6 +1,6 @@
 """Temperature schedules for softmax/sigmoid attentions of dynamic convolutions.
 
-DY-Conv (Chen et al., CVPR 2020, Sec. 3.2 / Eq. 4) and ODConv (Li et al., ICLR 2022) divide their
+DY-Conv (Chen et al., CVPR 2020, Sec. 3: softmax with temperature) and ODConv (Li et al., ICLR 2022) divide their
 attention logits by a temperature T, softmax(z / T), with T annealed linearly from 30 to 1 over the
 first 10 epochs, so that early in training every kernel receives gradient (near-uniform attention).
 
@@ -43,18 +43,21 @@ class LinearTemperature:
 class TemperatureMixin:
     """Gives an nn.Module an annealed temperature `self.temperature` and `set_training_progress`.
 
-    The temperature is a registered *non-persistent* buffer (a 0-d tensor), updated in place with
-    `.fill_()`: it follows `.to(device)` / `.double()`, it is not a Parameter (no gradient, not counted as
-    a parameter), it is not saved in checkpoints (the schedule recomputes it from the epoch on resume), and
-    a compiled graph reads it as an input tensor, so changing it every step neither breaks the graph nor
+    The temperature is a registered buffer (a 0-d tensor), updated in place with `.fill_()`: it follows
+    `.to(device)` / `.double()`, it is not a Parameter (no gradient, not counted as a parameter), and a
+    compiled graph reads it as an input tensor, so changing it every step neither breaks the graph nor
     triggers a recompilation (a Python float attribute would be specialised on and recompile each step).
+    It is *persistent* (saved in the state_dict): the schedule hook only runs before training steps, so a
+    model restored from a checkpoint for evaluation or fine-tuning (eval.py, detection) must get its trained
+    temperature (e.g. 1) from the checkpoint rather than the epoch-0 value (30), which would flatten the
+    attention. On resume the hook overwrites it at the first step anyway.
     """
 
     def init_temperature(self, schedule: LinearTemperature) -> None:
         self.temperature_schedule = schedule
         # Start at the schedule's epoch-0 value, so a module used without the hook (eval, a test) still
         # behaves as at the start of training.
-        self.register_buffer("temperature", torch.tensor(schedule(0.0)), persistent=False)
+        self.register_buffer("temperature", torch.tensor(schedule(0.0)))
 
     @torch.no_grad()
     def set_training_progress(self, epoch: float) -> dict[str, float]:

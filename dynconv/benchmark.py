@@ -1,0 +1,261 @@
+"""Operator speed: a dynamic model against its static twin, timed interleaved in one process.
+
+Used by `scripts/bench.py`. Kept free of config handling so notebooks and other scripts can time any pair
+of modules the same way.
+
+Why the measurements look the way they do:
+
+- Interleaved repeats (A, B, A, B, ...) after a warmup: CPU frequency, thermal state and other load drift
+  over minutes; alternating the two models spreads that drift over both instead of biasing whichever ran
+  second. The median over repeats discards the occasional repeat hit by a hiccup.
+- `time.perf_counter` around `steps` iterations, with `torch.cuda.synchronize` at both ends on CUDA (kernels
+  run asynchronously, so without it the clock would stop while the GPU is still working) and never inside
+  the loop (a per-iteration sync would add a stall the real training loop does not have).
+- The training step is forward + cross-entropy + backward + `SGD(momentum=0.9).step()`, the whole cost of
+  one optimizer step; dynamic operators add parameters (experts, routing), so the optimizer step differs too.
+- Inference runs in eval mode under `torch.no_grad()`, at the benchmark batch and at batch 1 (deployment
+  latency, where a dynamic operator cannot amortise its per-sample kernel generation over a batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+BENCH_DEVICES = ("auto", "cpu", "cuda")
+# Smallest sensible value of each integer knob. Resolution: a ResNet/MobileNet downsamples 32x, so 32px is
+# where the last stage still sees a 1x1 map. Warmup may be 0 (the first repeat then pays one-off costs).
+BENCH_MINIMUMS = {"batch": 1, "resolution": 32, "repeats": 1, "steps": 1, "warmup": 0, "num_classes": 1}
+
+
+def validate_bench_config(bench: Mapping[str, Any]) -> None:
+    """Reject `bench.*` values that cannot run (or would time nothing) before anything is built.
+
+    Raises ConfigError naming the key and the allowed values, as every other config check does.
+    """
+    from dynconv.config import ConfigError
+
+    for key, minimum in BENCH_MINIMUMS.items():
+        value = bench.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"bench.{key}={value!r} is invalid; allowed values: integers >= {minimum}")
+    device = bench.get("device")
+    if device not in BENCH_DEVICES:
+        raise ConfigError(f"bench.device={device!r} is invalid; allowed values: {', '.join(BENCH_DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("bench.device='cuda' but no CUDA device is available; allowed values here: auto, cpu")
+    if not isinstance(bench.get("layers"), bool):
+        raise ConfigError(f"bench.layers={bench.get('layers')!r} is invalid; allowed values: true, false")
+    layer = bench.get("layer")
+    if layer is not None and not isinstance(layer, str):
+        raise ConfigError(f"bench.layer={layer!r} is invalid; allowed values: null or an fnmatch pattern "
+                          "of converted layer names")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Milliseconds per call of `step`, averaged over `steps` back-to-back calls."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return 1000.0 * (time.perf_counter() - start) / steps
+
+
+@dataclass
+class Timed:
+    """Per-repeat milliseconds of one measurement of one candidate; `ms` is their median."""
+
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def ms(self) -> float:
+        return statistics.median(self.samples)
+
+
+def interleaved(
+    candidates: dict[str, dict[str, Callable[[], None]]],
+    *,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    steps: int,
+    on_repeat: Callable[[int, dict[str, dict[str, Timed]]], None] | None = None,
+    around: Callable[[str], ContextManager] | None = None,
+) -> dict[str, dict[str, Timed]]:
+    """Time every measurement of every candidate, candidates alternating within each repeat.
+
+    `candidates` maps candidate -> measurement -> step callable, e.g. {"static": {"train": f, ...},
+    "dynamic": {...}}; all candidates must offer the same measurements. The order within a repeat is
+    measurement by measurement, candidate by candidate (train A, train B, infer A, infer B, ...), so each
+    comparison is between two runs seconds apart. `warmup` untimed calls of every step come first (lazy
+    allocations, cuDNN/oneDNN algorithm selection, allocator caches). `around(name)` optionally returns a
+    context manager entered around each candidate's runs (peak-memory accounting).
+    """
+    names = list(candidates)
+    measurements = list(candidates[names[0]])
+    for name in names:
+        if list(candidates[name]) != measurements:
+            raise ValueError(f"candidate {name!r} offers {list(candidates[name])}, expected {measurements}")
+    for name in names:
+        with around(name) if around else contextlib.nullcontext():
+            for measurement in measurements:
+                for _ in range(warmup):
+                    candidates[name][measurement]()
+    results = {name: {m: Timed() for m in measurements} for name in names}
+    for repeat in range(repeats):
+        for measurement in measurements:
+            for name in names:
+                with around(name) if around else contextlib.nullcontext():
+                    results[name][measurement].samples.append(
+                        time_steps(candidates[name][measurement], steps, device))
+        if on_repeat:
+            on_repeat(repeat, results)
+    return results
+
+
+def training_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                  optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """One optimizer step on a fixed batch: forward, cross-entropy, backward, SGD step (train mode)."""
+
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def inference_step(model: nn.Module, inputs: torch.Tensor) -> Callable[[], None]:
+    """One forward pass in eval mode without autograd (what deployment runs)."""
+
+    def step() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(inputs)
+
+    return step
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum, the papers' ImageNet optimizer: one state tensor per parameter, like most recipes."""
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+
+class CudaPeakMemory:
+    """Peak CUDA memory of one candidate while both candidates stay resident on the same GPU.
+
+    `torch.cuda.max_memory_allocated` counts everything on the device, including the other model's
+    parameters, gradients and optimizer state. Each scope therefore resets the peak, notes what was
+    allocated on entry that does not belong to this candidate (`owned()` returns the bytes the candidate
+    itself keeps resident: parameters, buffers, gradients, optimizer state) and records
+    peak - foreign bytes. The result is what this model needs on a GPU of its own (plus the shared input).
+    """
+
+    def __init__(self, device: torch.device, owned: dict[str, Callable[[], int]]):
+        self.device, self.owned = device, owned
+        self.peak_bytes: dict[str, int] = {name: 0 for name in owned}
+
+    def __call__(self, name: str):
+        meter = self
+
+        class Scope:
+            def __enter__(self):
+                synchronize(meter.device)
+                torch.cuda.reset_peak_memory_stats(meter.device)
+                self.foreign = torch.cuda.memory_allocated(meter.device) - meter.owned[name]()
+                return self
+
+            def __exit__(self, *exc):
+                synchronize(meter.device)
+                peak = torch.cuda.max_memory_allocated(meter.device) - self.foreign
+                meter.peak_bytes[name] = max(meter.peak_bytes[name], peak)
+                return False
+
+        return Scope()
+
+
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the tensors a model keeps between steps: parameters, buffers, gradients, optimizer state."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(tensor) -> None:
+        nonlocal total
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+            key = tensor.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += tensor.untyped_storage().nbytes()
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        add(tensor)
+        add(tensor.grad)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                add(value)
+    return total
+
+
+# ------------------------------------------------------------------------------------------- per layer
+
+
+def capture_input_shapes(model: nn.Module, names: Sequence[str], inputs: torch.Tensor) -> dict[str, tuple]:
+    """The input shape of each named submodule (`model.get_submodule(name)`) during one forward pass.
+
+    Forward pre-hooks see the real tensors, so the shapes are exactly what the layer gets at this batch and
+    resolution (after strides, pooling and any reshaping by the backbone), without re-deriving them.
+    """
+    shapes: dict[str, tuple] = {}
+    handles = []
+    for name in names:
+        def hook(module, args, name=name):
+            shapes.setdefault(name, tuple(args[0].shape))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in names if name not in shapes]
+    if missing:
+        raise RuntimeError(f"layers never called during the forward pass: {', '.join(missing)}")
+    return shapes
+
+
+def layer_steps(layer: nn.Module, shape: tuple, device: torch.device) -> dict[str, Callable[[], None]]:
+    """Training (forward + backward, input gradient included as inside a network) and inference steps of
+    one layer alone on a fixed random input of `shape`. No optimizer step: per layer it is a handful of
+    elementwise updates and would only blur the comparison of the operators' compute."""
+    x = torch.randn(shape, device=device)
+    x_grad = x.clone().requires_grad_(True)
+
+    def train() -> None:
+        layer.train()
+        layer.zero_grad(set_to_none=True)
+        x_grad.grad = None
+        layer(x_grad).sum().backward()
+
+    def infer() -> None:
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+
+    return {"train": train, "inference": infer}

@@ -1,0 +1,192 @@
+"""ODConv (Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022).
+
+ODConv attends to a convolution's kernels along all four dimensions of the kernel space (the
+paper's ODConv definition, Sec. 3; its equation number is not cited as the paper's text is not in shared/papers):
+
+    y = (a_w1 . a_f1 . a_c1 . a_s1 . W_1 + ... + a_wn . a_fn . a_cn . a_sn . W_n) * x
+
+with a_s in R^{k x k} (spatial, shared by all kernels), a_c in R^{C_in} (input channels), a_f in R^{C_out}
+(output filters) and a_w in R^{n} (kernel-wise, softmax). Because a_c and a_f are per channel and shared
+by the n kernels, they commute with the convolution, so (as the paper's implementation does) a_c scales
+the input, a_f scales the output, and only a_s and a_w build the per-sample kernel:
+
+    W_b = a_s(b) . sum_k a_w(b)_k W_k,     y_b = a_f(b) . (W_b * (a_c(b) . x_b))
+
+The attention (Sec. 3, as the reference implements it): GAP -> FC(C_in -> max(int(C_in * 0.0625), 16),
+no bias) -> BN -> ReLU -> four heads, each divided by a temperature T (annealed linearly 30 -> 1 over 10
+epochs, per iteration): channel = sigmoid, filter = sigmoid (skipped for depthwise: one filter per channel
+duplicates the channel attention), spatial = sigmoid (skipped for 1 x 1), kernel = softmax over n (skipped
+for n = 1).
+
+Batch size 1 in train mode: the reference's BatchNorm raises there (ODConv#27: one value per channel has no
+batch variance). `BatchSafeBatchNorm1d` normalises a batch of one with its running statistics instead (the
+eval-mode computation, without updating them): the only well-defined normalisation for one sample, it keeps
+the attention input-dependent (batch statistics of one sample would map every sample to beta, i.e. a
+constant attention), and batches > 1 train exactly as the reference. No bias, as the paper.
+
+Conversion, as the reference (OSVAI/ODConv `models/od_resnet.py`, `models/od_mobilenetv2.py`): the stem and
+ResNet's downsample shortcut convolutions stay static; everything else becomes ODConv, depthwise convolutions
+and MobileNetV2's last 1x1 (`conv_head`, role "head") included. The last point contradicts
+shared/REFERENCE_NOTES.md ("MobileNetV2's ... last 1x1 stay normal convs") but is what the reference's
+MobileNetV2 builds (its last layer is an ODConvBNReLU) and what the published counts require: with
+`conv_head` dynamic, MobileNetV2 1.0x ODConv (4x) / (1x) has 11,512,149 / 4,940,185 parameters (KernelWarehouse
+Table 4: 11.52M; REFERENCE_NOTES: 4.94M) and 0.5x (4x) 4,435,501 (Table 4: 4.44M); with it static, 10.24M /
+4.90M / 3.79M (the 4x counts 11% / 15% off). ResNet18 (1x) / (4x): 11,943,944 / 44,901,640 (11.94M / 44.90M, Table 1);
+ResNet50 (4x): 90,670,888 (90.67M, Table 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dynconv.ops.base import OPERATORS, LayerInfo, Operator, require_positive_int
+from dynconv.ops.dyconv import read_temperature_schedule, require_positive_number
+from dynconv.ops.per_sample_conv import per_sample_conv2d
+from dynconv.ops.temperature import LinearTemperature, TemperatureMixin
+
+
+class BatchSafeBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d that, in train mode, normalises a batch of one sample with its running statistics.
+
+    Batches of two or more are normalised (and update the running statistics) exactly as nn.BatchNorm1d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1 and self.track_running_stats:
+            # Batch statistics of one sample are degenerate (nn.BatchNorm1d raises); use the running ones
+            # and leave them untouched (a single sample would bias them).
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class OmniAttention(TemperatureMixin, nn.Module):
+    """The four ODConv attentions (channel, filter, spatial, kernel); a skipped one is None."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int,
+                 kernels: int, reduction: float = 0.0625, min_hidden: int = 16,
+                 schedule: LinearTemperature = LinearTemperature()):
+        super().__init__()
+        hidden = max(int(in_channels * reduction), min_hidden)
+        self.kernel_size = tuple(kernel_size)
+        self.fc = nn.Linear(in_channels, hidden, bias=False)  # bias would be cancelled by the BN
+        self.bn = BatchSafeBatchNorm1d(hidden)
+        self.channel = nn.Linear(hidden, in_channels)
+        depthwise = groups == in_channels == out_channels and groups > 1
+        self.filter = None if depthwise else nn.Linear(hidden, out_channels)
+        self.spatial = None if math.prod(self.kernel_size) == 1 else nn.Linear(hidden, math.prod(self.kernel_size))
+        self.kernel = None if kernels == 1 else nn.Linear(hidden, kernels)
+        self.init_temperature(schedule)
+
+    def forward(self, x: torch.Tensor):
+        """(channel (B, C_in), filter (B, C_out) | None, spatial (B, kh, kw) | None, kernel (B, n) | None)."""
+        h = torch.relu(self.bn(self.fc(x.mean(dim=(2, 3)))))
+        t = self.temperature
+        channel = torch.sigmoid(self.channel(h) / t)
+        filt = None if self.filter is None else torch.sigmoid(self.filter(h) / t)
+        spatial = None if self.spatial is None else torch.sigmoid(self.spatial(h) / t).view(-1, *self.kernel_size)
+        kernel = None if self.kernel is None else torch.softmax(self.kernel(h) / t, dim=1)
+        return channel, filt, spatial, kernel
+
+
+class ODConv2d(nn.Module):
+    """A drop-in for nn.Conv2d (without bias) with omni-dimensional attention over n kernels."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        kernels: int = 1,
+        reduction: float = 0.0625,
+        min_hidden: int = 16,
+        schedule: LinearTemperature = LinearTemperature(),
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.kernels = kernels
+        self.weight = nn.Parameter(torch.empty(kernels, out_channels, in_channels // groups, *self.kernel_size))
+        self.attention = OmniAttention(in_channels, out_channels, self.kernel_size, groups, kernels, reduction,
+                                       min_hidden, schedule)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each kernel starts like a freshly initialised nn.Conv2d (kaiming-uniform, a=sqrt(5)).
+        for k in range(self.kernels):
+            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+
+    def sample_kernels(self, spatial: torch.Tensor | None, kernel: torch.Tensor | None, batch: int):
+        """W_b = a_s(b) . sum_k a_w(b)_k W_k, (B, O, C/g, kh, kw); None when every sample shares W_1."""
+        if kernel is None and spatial is None:
+            return None
+        if kernel is None:
+            mixed = self.weight[0].unsqueeze(0)  # n = 1: a_w = 1, broadcast over the batch
+        else:
+            mixed = (kernel @ self.weight.flatten(1)).view(batch, *self.weight.shape[1:])
+        if spatial is not None:
+            mixed = mixed * spatial[:, None, None]
+        return mixed.expand(batch, *self.weight.shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel, filt, spatial, kernel = self.attention(x)
+        x = x * channel[:, :, None, None]
+        weights = self.sample_kernels(spatial, kernel, x.shape[0])
+        if weights is None:
+            # 1 x 1 with one kernel: the kernel is not per sample, so one static convolution is exact and
+            # cheaper than materialising B copies of it.
+            out = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            out = per_sample_conv2d(x, weights, None, self.stride, self.padding, self.dilation, self.groups)
+        return out if filt is None else out * filt[:, :, None, None]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, kernels={self.kernels}"
+        )
+
+
+@OPERATORS.register("odconv")
+class ODConvOperator(Operator):
+    name = "odconv"
+    # The reference keeps ResNet's downsample shortcuts static (and converts MobileNetV2's conv_head: see
+    # the module docstring; the published parameter counts need it).
+    static_roles = Operator.static_roles | {"downsample"}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.kernels = require_positive_int(self.cfg, "kernels", self.name)
+        self.reduction = require_positive_number(self.cfg, "reduction", self.name)
+        self.min_hidden = require_positive_int(self.cfg, "min_hidden", self.name)
+        self.schedule = read_temperature_schedule(self.cfg, self.name)
+
+    def refuse(self, layer: LayerInfo) -> str | None:
+        reason = super().refuse(layer)
+        if reason is None and layer.module.bias is not None:
+            return "odconv has no bias (as the paper); a convolution with bias stays static"
+        return reason
+
+    def build(self, layer: LayerInfo) -> nn.Module:
+        conv = layer.module
+        return ODConv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            kernels=self.kernels,
+            reduction=self.reduction,
+            min_hidden=self.min_hidden,
+            schedule=self.schedule,
+        )
