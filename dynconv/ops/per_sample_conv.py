@@ -23,7 +23,6 @@ folded path counts exactly B*O*(C/g)*k*k*H'*W'. `canonical_cost_mode()` forces t
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Literal
 
 import torch
@@ -31,7 +30,9 @@ import torch.nn.functional as F
 
 Algorithm = Literal["auto", "folded", "bmm", "loop"]
 ALGORITHMS = ("auto", "folded", "bmm", "loop")
-_CANONICAL = contextvars.ContextVar("dynconv_canonical_cost", default=False)
+# A plain module flag, not a ContextVar: torch.compile (dynamo) guards on module globals, while reading a
+# ContextVar breaks the graph on some torch releases (seen on 2.11).
+_canonical_depth = 0
 
 # CPU: below this many output positions the im2col+bmm path beats a grouped convolution (measured on
 # 2 cores: ResNet18 3x3 layers, batch 16-64, 1x1 to 56x56 outputs; the crossover sits near 14x14).
@@ -46,11 +47,12 @@ KERNEL_ELEMENT_COST = 200
 @contextlib.contextmanager
 def canonical_cost_mode():
     """Within this block, dynamic layers compute in the papers' formulation (for MAC counting)."""
-    token = _CANONICAL.set(True)
+    global _canonical_depth
+    _canonical_depth += 1
     try:
         yield
     finally:
-        _CANONICAL.reset(token)
+        _canonical_depth -= 1
 
 
 def _pair(value) -> tuple[int, int]:
@@ -99,7 +101,7 @@ def per_sample_conv2d(
         return F.conv2d(x, weight[0], None if bias is None else bias[0], stride, padding, dilation, groups)
     out_h, out_w = conv_output_size(x, weight.shape[-2:], stride, padding, dilation)
     if algorithm == "auto":
-        algorithm = "folded" if _CANONICAL.get() else choose_algorithm(x, weight, groups, out_h * out_w)
+        algorithm = "folded" if _canonical_depth > 0 else choose_algorithm(x, weight, groups, out_h * out_w)
     if algorithm == "loop":
         return torch.cat(
             [
@@ -147,7 +149,7 @@ def mixture_conv2d(
     batch, num_experts = coefficients.shape
     out_channels = experts.shape[1]
     if mode == "auto":
-        mode = "kernels" if _CANONICAL.get() or batch == 1 else _cheaper_mixture(x, experts, batch, stride, padding,
+        mode = "kernels" if _canonical_depth > 0 or batch == 1 else _cheaper_mixture(x, experts, batch, stride, padding,
                                                                                  dilation)
     bias = coefficients @ expert_bias if expert_bias is not None else None
     if mode == "kernels":
