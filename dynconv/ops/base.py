@@ -135,6 +135,27 @@ class Operator:
 OPERATORS: Registry[type[Operator]] = Registry("operator", "op.name")
 
 
+def _require_number(cfg: Mapping[str, Any], key: str, op_name: str, minimum: float, inclusive: bool) -> float:
+    import math
+
+    value = cfg.get(key)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value >= minimum if inclusive else value > minimum))
+    if not ok:
+        allowed = f"numbers {'>=' if inclusive else '>'} {minimum:g}"
+        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op={op_name}: allowed values are {allowed}")
+    return float(value)
+
+
+def require_positive_number(cfg: Mapping[str, Any], key: str, op_name: str) -> float:
+    """A finite number > 0 (ints accepted, bools not); OperatorConfigError naming op.<key> otherwise."""
+    return _require_number(cfg, key, op_name, 0, inclusive=False)
+
+
+def require_non_negative_number(cfg: Mapping[str, Any], key: str, op_name: str) -> float:
+    return _require_number(cfg, key, op_name, 0, inclusive=True)
+
+
 def require_positive_int(cfg: Mapping[str, Any], key: str, op_name: str) -> int:
     value = cfg.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -25,14 +25,13 @@ MobileNetV2 1.0x 12,416,576 and 0.5x 4,573,536. Keeping `conv_head` static would
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-from dynconv.ops.base import OPERATORS, LayerInfo, Operator, OperatorConfigError, require_positive_int
+from dynconv.ops.base import OPERATORS, LayerInfo, Operator, require_positive_int, require_positive_number
+from dynconv.ops.kernel_bank import KernelBankConv2d, conv_geometry
 from dynconv.ops.per_sample_conv import mixture_conv2d
-from dynconv.ops.temperature import LinearTemperature, TemperatureMixin
+from dynconv.ops.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
 
 
 class KernelAttention(TemperatureMixin, nn.Module):
@@ -51,79 +50,19 @@ class KernelAttention(TemperatureMixin, nn.Module):
         return torch.softmax(logits / self.temperature, dim=1)
 
 
-class DyConv2d(nn.Module):
+class DyConv2d(KernelBankConv2d):
     """A drop-in for nn.Conv2d: K kernels aggregated per sample by softmax attention: W(x) * x + b(x)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, int],
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = False,
-        kernels: int = 4,
-        reduction: float = 0.25,
-        schedule: LinearTemperature = LinearTemperature(),
-    ):
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = tuple(kernel_size)
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.kernels = kernels
-        self.weight = nn.Parameter(torch.empty(kernels, out_channels, in_channels // groups, *self.kernel_size))
-        self.bias = nn.Parameter(torch.empty(kernels, out_channels)) if bias else None
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, kernels: int = 4, reduction: float = 0.25,
+                 schedule: LinearTemperature = LinearTemperature()):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         kernels=kernels, bias=bias)
         self.attention = KernelAttention(in_channels, kernels, reduction, schedule)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Each kernel starts like a freshly initialised nn.Conv2d (kaiming-uniform, a=sqrt(5)), so that the
-        # near-uniform early mixture has the scale of one conv. The bias is initialised too (an
-        # uninitialised torch.empty bias is garbage memory: Dynamic-convolution-Pytorch#8).
-        fan_in = (self.in_channels // self.groups) * math.prod(self.kernel_size)
-        for k in range(self.kernels):
-            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mixture_conv2d(x, self.weight, self.attention(x), self.bias, self.stride, self.padding,
                               self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, groups={self.groups}, kernels={self.kernels}, bias={self.bias is not None}"
-        )
-
-
-def require_positive_number(cfg, key: str, op_name: str) -> float:
-    """A finite number > 0 (ints accepted, bools not); OperatorConfigError naming op.<key> otherwise."""
-    value = cfg.get(key)
-    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-            or value <= 0):
-        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op={op_name}: allowed values are numbers > 0")
-    return float(value)
-
-
-def require_non_negative_number(cfg, key: str, op_name: str) -> float:
-    value = cfg.get(key)
-    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-            or value < 0):
-        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op={op_name}: allowed values are numbers >= 0")
-    return float(value)
-
-
-def read_temperature_schedule(cfg, op_name: str) -> LinearTemperature:
-    """op.temperature_start / _end (> 0) and op.temperature_epochs (>= 0; 0 = no annealing)."""
-    return LinearTemperature(
-        require_positive_number(cfg, "temperature_start", op_name),
-        require_positive_number(cfg, "temperature_end", op_name),
-        require_non_negative_number(cfg, "temperature_epochs", op_name),
-    )
 
 
 @OPERATORS.register("dyconv")
@@ -137,17 +76,5 @@ class DyConvOperator(Operator):
         self.schedule = read_temperature_schedule(self.cfg, self.name)
 
     def build(self, layer: LayerInfo) -> nn.Module:
-        conv = layer.module
-        return DyConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            bias=conv.bias is not None,
-            kernels=self.kernels,
-            reduction=self.reduction,
-            schedule=self.schedule,
-        )
+        return DyConv2d(**conv_geometry(layer.module), bias=layer.module.bias is not None, kernels=self.kernels,
+                        reduction=self.reduction, schedule=self.schedule)

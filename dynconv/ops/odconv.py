@@ -43,10 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynconv.ops.base import OPERATORS, LayerInfo, Operator, require_positive_int
-from dynconv.ops.dyconv import read_temperature_schedule, require_positive_number
+from dynconv.ops.base import OPERATORS, LayerInfo, Operator, require_positive_int, require_positive_number
+from dynconv.ops.kernel_bank import KernelBankConv2d, conv_geometry
 from dynconv.ops.per_sample_conv import per_sample_conv2d
-from dynconv.ops.temperature import LinearTemperature, TemperatureMixin
+from dynconv.ops.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
 
 
 class BatchSafeBatchNorm1d(nn.BatchNorm1d):
@@ -92,37 +92,16 @@ class OmniAttention(TemperatureMixin, nn.Module):
         return channel, filt, spatial, kernel
 
 
-class ODConv2d(nn.Module):
+class ODConv2d(KernelBankConv2d):
     """A drop-in for nn.Conv2d (without bias) with omni-dimensional attention over n kernels."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, int],
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        kernels: int = 1,
-        reduction: float = 0.0625,
-        min_hidden: int = 16,
-        schedule: LinearTemperature = LinearTemperature(),
-    ):
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = tuple(kernel_size)
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.kernels = kernels
-        self.weight = nn.Parameter(torch.empty(kernels, out_channels, in_channels // groups, *self.kernel_size))
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, kernels: int = 1, reduction: float = 0.0625, min_hidden: int = 16,
+                 schedule: LinearTemperature = LinearTemperature()):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         kernels=kernels, bias=False)
         self.attention = OmniAttention(in_channels, out_channels, self.kernel_size, groups, kernels, reduction,
                                        min_hidden, schedule)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Each kernel starts like a freshly initialised nn.Conv2d (kaiming-uniform, a=sqrt(5)).
-        for k in range(self.kernels):
-            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
 
     def sample_kernels(self, spatial: torch.Tensor | None, kernel: torch.Tensor | None, batch: int):
         """W_b = a_s(b) . sum_k a_w(b)_k W_k, (B, O, C/g, kh, kw); None when every sample shares W_1."""
@@ -148,12 +127,6 @@ class ODConv2d(nn.Module):
             out = per_sample_conv2d(x, weights, None, self.stride, self.padding, self.dilation, self.groups)
         return out if filt is None else out * filt[:, :, None, None]
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, groups={self.groups}, kernels={self.kernels}"
-        )
-
 
 @OPERATORS.register("odconv")
 class ODConvOperator(Operator):
@@ -176,17 +149,5 @@ class ODConvOperator(Operator):
         return reason
 
     def build(self, layer: LayerInfo) -> nn.Module:
-        conv = layer.module
-        return ODConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            kernels=self.kernels,
-            reduction=self.reduction,
-            min_hidden=self.min_hidden,
-            schedule=self.schedule,
-        )
+        return ODConv2d(**conv_geometry(layer.module), kernels=self.kernels, reduction=self.reduction,
+                        min_hidden=self.min_hidden, schedule=self.schedule)

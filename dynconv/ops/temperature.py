@@ -64,3 +64,14 @@ class TemperatureMixin:
         value = self.temperature_schedule(epoch)
         self.temperature.fill_(value)
         return {"temperature": value}
+
+
+def read_temperature_schedule(cfg, op_name: str) -> LinearTemperature:
+    """op.temperature_start / _end (> 0) and op.temperature_epochs (>= 0; 0 = no annealing)."""
+    from dynconv.ops.base import require_non_negative_number, require_positive_number
+
+    return LinearTemperature(
+        require_positive_number(cfg, "temperature_start", op_name),
+        require_positive_number(cfg, "temperature_end", op_name),
+        require_non_negative_number(cfg, "temperature_epochs", op_name),
+    )
