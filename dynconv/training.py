@@ -112,7 +112,7 @@ def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Pa
         H.OperatorScheduleHook(),
         H.LRScheduleHook(scheduler) if scheduler is not None else None,
         ema_hook,
-        H.PreemptionHook(),
+        H.PreemptionHook(cfg.log.every),
         H.EvalHook(cfg.recipe.eval_every, ema_hook),
         H.CheckpointHook(run_dir / "checkpoints", cfg.checkpoint.save_best) if cfg.checkpoint.enabled else None,
         H.TensorBoardHook(run_dir / "tensorboard", cfg.log.every) if dist.is_main and cfg.log.tensorboard else None,

@@ -15,7 +15,10 @@ from dynconv.engine.hooks.base import Hook
 class PreemptionHook(Hook):
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, every: int = 10):
+        # Across ranks the flag is agreed on by an all-reduce whose result the host must read (a device
+        # sync on GPUs), so DDP checks every `every` steps rather than every step; one process checks each step.
+        self.every = max(int(every), 1)
         self.received: int | None = None
         self._previous = {}
 
@@ -27,6 +30,8 @@ class PreemptionHook(Hook):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def after_step(self, trainer):
+        if trainer.dist.distributed and trainer.global_step % self.every:
+            return
         if any_rank(self.received is not None, trainer.dist.device):
             name = signal.Signals(self.received).name if self.received else "a signal on another rank"
             trainer.request_stop(f"received {name}", exit_code=128 + (self.received or signal.SIGTERM))
