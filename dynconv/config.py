@@ -88,8 +88,19 @@ def validate_model_config(cfg: DictConfig) -> None:
     _check_name(cfg, "op.name", OPERATORS)
     _check_name(cfg, "attn.name", ATTENTIONS)
     _check_name(cfg, "task.name", TASKS)
+    op_cfg = OmegaConf.to_container(cfg.op, resolve=True)
     try:
-        make_operator(OmegaConf.to_container(cfg.op, resolve=True))
+        make_operator(op_cfg)
+        # Knobs that must fit every layer (WeightNet's G, SK's dilations) and add-ons that must fit the backbone
+        # are only known once the model is built: build it on the meta device (no memory, no initialisation
+        # cost: ~0.1 s for ResNet50), so such errors also stop the run before anything is written.
+        import torch
+
+        from dynconv.build import build_backbone
+
+        with torch.device("meta"):
+            build_backbone(cfg.backbone, op_cfg, cfg.attn, num_classes=10,
+                           image_size=int(OmegaConf.select(cfg, "data.image_size", default=224)))
     except OperatorConfigError as error:
         raise ConfigError(str(error)) from None
 

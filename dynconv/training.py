@@ -142,6 +142,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+        # Like cuDNN's autotuner, the per-sample convolution's measured algorithm choice can differ between
+        # runs (timing noise), and so can the rounding of the results: reproducible runs use the cost model.
+        from dynconv.ops import algorithm_choice
+
+        algorithm_choice.set_policy("model")
     elif dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 

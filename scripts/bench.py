@@ -11,9 +11,15 @@ median over `bench.repeats` repeats of the mean over `bench.steps` iterations. M
 - train step: forward + cross-entropy + backward + SGD(momentum 0.9) step, train mode, batch `bench.batch`;
 - inference: eval mode, no_grad, batch `bench.batch` and batch 1 (the issue's target: batch-1 <= 1.2x).
 
+Dynamic layers pick their per-sample convolution algorithm per layer shape (`dynconv.ops.algorithm_choice`):
+by default the first call of each shape times the candidates, which the warmup absorbs (with bench.warmup=0
+the first repeat pays it). DYNCONV_CONV_ALGORITHM=model (the fixed cost model) or an algorithm name forces a
+choice instead, e.g. to time one algorithm against another.
+
 Prints a table, then, as the last stdout line, one JSON object: `train_step_ratio`, `inference_ratio`,
-`batch1_inference_ratio` (dynamic ms / static ms of the medians), the milliseconds behind them, peak memory
-and the settings. Peak memory is CUDA-only (`max_memory_allocated`, the other model's resident tensors
+`batch1_inference_ratio` (dynamic ms / static ms of the medians), the milliseconds behind them, peak memory,
+the settings, and `conv_algorithm_policy` / `conv_algorithms` (per layer shape: the algorithm chosen and each
+candidate's measured ms). Peak memory is CUDA-only (`max_memory_allocated`, the other model's resident tensors
 subtracted); on CPU it is null: process RSS mixes both models, the allocator's caches and everything
 imported, so it would not say what the operator costs.
 """
@@ -154,6 +160,12 @@ def main(argv: list[str]) -> int:
     }
     if layer_rows is not None:
         result["layers"] = layer_rows
+    # What the per-sample convolution cache picked for each layer shape (and each candidate's measured ms):
+    # explains a ratio, and shows whether a forced DYNCONV_CONV_ALGORITHM was in effect.
+    from dynconv.ops import algorithm_choice
+
+    result["conv_algorithm_policy"] = algorithm_choice.get_policy()
+    result["conv_algorithms"] = algorithm_choice.choices()
     print(json.dumps(result))
     return 0
 

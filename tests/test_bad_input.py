@@ -27,6 +27,8 @@ KEY_CASES = {
 KEY_NAMES = {"key-backbone": "backbone.name"}
 VALUE_CASES = {
     "experts-zero": (["op=condconv", "op.experts=0"], ["op.experts", "0", "integers >= 1"]),
+    # A knob that is valid on its own but does not fit a layer: found by the meta-device dry build.
+    "weightnet-g-misfit": (["op=weightnet", "op.G=5"], ["op.G=5", "layer1.0.conv1", "Conv2d(64->64", "allowed"]),
     "imagefolder-missing-root": (["data=imagefolder", "data.root=/nonexistent/x"],
                                  ["data.root", "/nonexistent/x", "train/", "val/"]),
     "sched": (["recipe.sched=foo"], ["recipe.sched", "foo", "cosine", "step", "multistep", "linear", "none"]),

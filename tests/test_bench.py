@@ -55,6 +55,13 @@ def _check_model_result(result: dict) -> None:
         assert result["peak_memory_mb"] is None and result["static_peak_memory_mb"] is None
     else:
         assert result["peak_memory_mb"] > 0 and result["static_peak_memory_mb"] > 0
+    # The algorithm cache's choices: shape description -> chosen algorithm and each candidate's ms.
+    from dynconv.ops.algorithm_choice import POLICIES
+
+    assert result["conv_algorithm_policy"] in POLICIES
+    assert isinstance(result["conv_algorithms"], dict)
+    for entry in result["conv_algorithms"].values():
+        assert entry["algorithm"] in entry["ms"] or not entry["ms"]
 
 
 def test_result_json_keys_and_consistent_ratios(layers_run):

@@ -132,3 +132,40 @@ def test_invalid_experts_raise_operator_config_error(experts):
 def test_valid_experts_accepted():
     """The positive counterpart: a positive int builds an operator that keeps that many experts."""
     assert make_operator({"name": "condconv", "experts": 3}).experts == 3
+
+
+def _resnet18_condconv(routing: str):
+    from dynconv.build import build_backbone
+
+    torch.manual_seed(0)
+    op = {"name": "condconv", "experts": 3, "routing": routing, "keep_static": []}
+    return build_backbone({"name": "resnet18"}, op, {"name": "none"}, num_classes=10, image_size=32).backbone
+
+
+def test_block_routing_is_shared_and_reads_the_block_input():
+    """op.routing=block (timm's EfficientNet-CondConv): one sigmoid(FC(GAP(block input))) per block, used by
+    every CondConv layer of the block, shortcut included; layers own no routing FC."""
+    model = _resnet18_condconv("block").eval().double()
+    assert len(model.shared_inputs) == 8
+    block = model.net.layer2[0]
+    layers = [block.conv1, block.conv2, block.downsample[0]]
+    assert all(layer.routing is None for layer in layers)
+    assert len({id(layer.shared_input) for layer in layers}) == 1
+    seen = {}
+    block.register_forward_pre_hook(lambda m, a: seen.__setitem__("block", a[0]))
+    block.conv2.register_forward_hook(lambda m, a, out: seen.__setitem__("routing", m.routing_weights(a[0])))
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    expected = torch.sigmoid(layers[0].shared_input.summary.fc(seen["block"].mean(dim=(2, 3))))
+    torch.testing.assert_close(seen["routing"], expected)
+    layer_model = _resnet18_condconv("layer")
+    routing_params = 3 * (sum(m.in_channels for m in layer_model.modules() if isinstance(m, CondConv2d)) + 19)
+    block_routing = sum(p.numel() for p in model.shared_inputs.parameters())
+    assert sum(p.numel() for p in layer_model.parameters()) - routing_params + block_routing == sum(
+        p.numel() for p in model.parameters())
+
+
+def test_block_routing_invalid_value():
+    from dynconv.build import make_operator
+
+    with pytest.raises(OperatorConfigError, match=r"op.routing='net' is invalid.*layer, block"):
+        make_operator({"name": "condconv", "experts": 2, "routing": "net"})

@@ -13,7 +13,16 @@ from dynconv.ops.condconv import CondConv2d
 
 OPS = {
     "static": {"name": "static"},
-    "condconv": {"name": "condconv", "experts": 2, "keep_static": []},
+    "condconv": {"name": "condconv", "experts": 2, "routing": "layer", "keep_static": []},
+    "condconv_block": {"name": "condconv", "experts": 2, "routing": "block", "keep_static": []},
+    "dyconv": {"name": "dyconv", "kernels": 2, "reduction": 0.25, "temperature_start": 30.0,
+               "temperature_end": 1.0, "temperature_epochs": 10.0, "keep_static": []},
+    "odconv": {"name": "odconv", "kernels": 2, "reduction": 0.0625, "min_hidden": 16, "temperature_start": 30.0,
+               "temperature_end": 1.0, "temperature_epochs": 10.0, "keep_static": []},
+    "weightnet": {"name": "weightnet", "lam": 2, "G": 1, "reduction": 16, "min_hidden": 16, "gap": "block",
+                  "keep_static": []},
+    "weightnet_layer": {"name": "weightnet", "lam": 1, "G": 1, "reduction": 16, "min_hidden": 16, "gap": "layer",
+                        "keep_static": []},
 }
 ATTN = {"name": "none"}
 
@@ -23,18 +32,30 @@ def _build(name: str, op: str, image_size: int = 32, num_classes: int = 10):
     return build_backbone({"name": name}, OPS[op], ATTN, num_classes=num_classes, image_size=image_size)
 
 
-@pytest.mark.parametrize("op", sorted(OPS))
+def _sk_op():
+    """The SK operator's config, read from its YAML (its knobs are its own)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "configs/op/sk.yaml"))
+
+
+@pytest.mark.parametrize("op", sorted(OPS) + ["sk"])
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_one_training_step(name, op):
-    """Forward, backward and an SGD step work for every registered backbone with both operators.
+    """Forward, backward and an SGD step work for every registered backbone with every operator.
 
-    The loss must be finite, every trainable parameter that took part must get a finite gradient, and the
-    step must change the weights. With condconv, every converted layer's expert weights and routing must be
-    in the autograd graph (a bypassed or detached dynamic layer gets no gradient) and at least one converted
-    layer must actually move (ResNets zero-init the last BN of each block, so block convs may get exactly
-    zero gradient on the very first step; shortcut projections and other families do not).
+    The loss must be finite, every parameter that took part must get a finite gradient, and the step must
+    change the weights. Every converted layer must be in the autograd graph: each of its parameters gets a
+    gradient (a bypassed or detached dynamic layer gets none), and so does every shared summary
+    (`shared_inputs`: block routing, block-wise GAP). At least one converted layer must actually move
+    (ResNets zero-init the last BN of each block, so block convs get exactly zero gradient on the very first
+    step; then a second step must move them). Train mode at batch 2, 32x32.
     """
-    built = _build(name, op)
+    torch.manual_seed(0)
+    op_cfg = _sk_op() if op == "sk" else OPS[op]
+    built = build_backbone({"name": name}, op_cfg, ATTN, num_classes=10, image_size=32)
     model = built.backbone.train()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([1, 7])
@@ -52,19 +73,27 @@ def test_one_training_step(name, op):
     optimizer.step()
     changed = [k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])]
     assert changed, "the SGD step changed no parameter"
-    cond_layers = [m for m in model.modules() if isinstance(m, CondConv2d)]
-    if op == "condconv":
-        converted = [d for d in built.decisions if d.converted]
-        assert len(cond_layers) == len(converted)
-        for module_name, module in model.named_modules():
-            if isinstance(module, CondConv2d):
-                assert module.weight.grad is not None, f"{module_name}: expert weights got no gradient"
-                assert module.routing.weight.grad is not None, f"{module_name}: routing got no gradient"
-        if cond_layers:
-            moved = [n for n, m in model.named_modules() if isinstance(m, CondConv2d) and f"{n}.weight" in changed]
-            assert moved, "no converted layer's expert weights changed"
-    else:
-        assert not cond_layers and not any(d.converted for d in built.decisions)
+    converted = [d.layer.name for d in built.decisions if d.converted]
+    if op == "static":
+        assert not converted
+        return
+    for layer_name in converted:
+        module = model.net.get_submodule(layer_name)
+        assert not isinstance(module, (nn.Conv2d, nn.Linear)) or op == "sk", f"{layer_name} was not replaced"
+        for pname, param in module.named_parameters():
+            assert param.grad is not None, f"{layer_name}.{pname} got no gradient"
+    for pname, param in getattr(model, "shared_inputs", nn.ModuleDict()).named_parameters():
+        assert param.grad is not None, f"shared_inputs.{pname} got no gradient"
+    if converted:
+        moved = [n for n in converted if any(k.startswith(f"net.{n}.") for k in changed)]
+        if not moved:  # ResNet block convs behind a zero-initialised BN: the second step reaches them
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            moved = [n for n in converted
+                     if any(not torch.equal(p.detach(), before[f"net.{n}.{k}"])
+                            for k, p in model.net.get_submodule(n).named_parameters())]
+        assert moved, "no converted layer's parameters changed"
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())

@@ -1,8 +1,10 @@
-"""per_sample_conv2d: every algorithm computes y_b = W_b * x_b exactly; MAC counting; shape errors."""
+"""per_sample_conv2d and mixture_conv2d: every algorithm computes the same exact result (float64 against a
+per-sample F.conv2d reference); MAC counting; shape errors; the measured-and-cached algorithm choice."""
 
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -145,3 +147,348 @@ def test_unknown_algorithm_rejected_at_batch_one():
     x, w = torch.randn(1, 4, 5, 5), torch.randn(1, 6, 4, 3, 3)
     with pytest.raises(ValueError, match="unknown algorithm"):
         per_sample_conv2d(x, w, None, padding=1, algorithm="winograd")
+
+
+# ------------------------------------------------------------------------------------- mixture algorithms
+
+MIX_CASES = {  # name: (in, out, kernel, stride, padding, dilation, groups, size, experts)
+    "3x3": (4, 6, 3, 1, 1, 1, 1, 7, 3),
+    "stride2-dilation": (4, 6, 3, 2, 2, 2, 1, 9, 2),
+    "pointwise": (4, 6, 1, 1, 0, 1, 1, 5, 3),
+    "grouped": (4, 6, 3, 1, 1, 1, 2, 6, 3),
+    "depthwise": (4, 4, 3, 1, 1, 1, 4, 6, 2),
+}
+SCALES = ["none", "spatial", "channel", "spatial+channel"]
+
+
+def _mixture_inputs(case, batch, bias, scales, single):
+    in_ch, out_ch, kernel, stride, padding, dilation, groups, size, n = MIX_CASES[case]
+    n = 1 if single else n
+    gen = torch.Generator().manual_seed(11 * batch + n)
+    x = torch.randn(batch, in_ch, size, size, dtype=torch.float64, generator=gen)
+    experts = torch.randn(n, out_ch, in_ch // groups, kernel, kernel, dtype=torch.float64, generator=gen)
+    coeff = None if single else torch.rand(batch, n, dtype=torch.float64, generator=gen)
+    ebias = torch.randn(n, out_ch, dtype=torch.float64, generator=gen) if bias else None
+    spatial = torch.rand(batch, kernel, kernel, dtype=torch.float64, generator=gen) if "spatial" in scales else None
+    channel = torch.rand(batch, in_ch, dtype=torch.float64, generator=gen) if "channel" in scales else None
+    return (x, experts, coeff, ebias, spatial, channel), dict(stride=stride, padding=padding, dilation=dilation,
+                                                             groups=groups)
+
+
+def _mixture_reference(x, experts, coeff, ebias, spatial, channel, conv):
+    """Independent of the library: W_b = (sum_i c_bi W_i) . spatial_b . channel_b, one F.conv2d per sample."""
+    out_ch, in_per_group = experts.shape[1:3]
+    groups = conv["groups"]
+    in_index = (torch.arange(out_ch)[:, None] // (out_ch // groups)) * in_per_group + torch.arange(in_per_group)
+    outputs = []
+    for b in range(x.shape[0]):
+        c = torch.ones(1, dtype=x.dtype) if coeff is None else coeff[b]
+        w = sum(c[i] * experts[i] for i in range(experts.shape[0]))
+        if spatial is not None:
+            w = w * spatial[b]
+        if channel is not None:
+            w = w * channel[b][in_index][:, :, None, None]
+        bb = None if ebias is None else sum(c[i] * ebias[i] for i in range(ebias.shape[0]))
+        outputs.append(F.conv2d(x[b : b + 1], w, bb, conv["stride"], conv["padding"], conv["dilation"], groups))
+    return torch.cat(outputs)
+
+
+def _unsupported(mode, scales, conv):
+    return (mode == "outputs" and "spatial" in scales) or (mode == "fused" and conv["groups"] != 1)
+
+
+MIXTURE_TESTS = [(case, mode, scales, batch, bias, single)
+                 for case, mode, scales in itertools.product(sorted(MIX_CASES), ["kernels", "outputs", "fused"], SCALES)
+                 for batch, bias, single in [(3, True, False), (1, False, False), (2, False, True)]]
+
+
+@pytest.mark.parametrize(("case", "mode", "scales", "batch", "bias", "single"), MIXTURE_TESTS,
+                         ids=[f"{c}-{m}-{s}-b{b}-{'bias' if bb else 'nobias'}{'-n1' if one else ''}"
+                              for c, m, s, b, bb, one in MIXTURE_TESTS])
+def test_mixture_modes_agree_with_reference(case, mode, scales, batch, bias, single):
+    """Every mixing mode equals the per-sample reference (float64, 1e-12), forward and the gradients of the
+    input, kernels, coefficients, biases and both kernel scales; including n = 1 (coefficients None), batch 1,
+    grouped and depthwise kernels. Modes that cannot apply (outputs with a spatial scale, fused with groups)
+    raise ValueError."""
+    tensors, conv = _mixture_inputs(case, batch, bias, scales, single)
+    if _unsupported(mode, scales, conv):
+        with pytest.raises(ValueError, match="spatial|groups=1"):
+            mixture_conv2d(*tensors[:4], **conv, mode=mode, spatial=tensors[4], channel=tensors[5])
+        return
+    leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
+    ref_leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
+    y = mixture_conv2d(*leaves[:4], **conv, mode=mode, spatial=leaves[4], channel=leaves[5])
+    y_ref = _mixture_reference(*ref_leaves, conv)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=0.0, atol=1e-12)
+    grad_out = torch.randn_like(y_ref)
+    wanted = [t for t in leaves if t is not None]
+    wanted_ref = [t for t in ref_leaves if t is not None]
+    for g, g_ref in zip(torch.autograd.grad(y, wanted, grad_out), torch.autograd.grad(y_ref, wanted_ref, grad_out)):
+        torch.testing.assert_close(g, g_ref, rtol=0.0, atol=1e-11)
+
+
+def test_fused_blocks_split_output_channels(monkeypatch):
+    """The fused algorithm mixes kernels a block of output channels at a time; with tiny blocks (several,
+    the last one shorter) it still equals the reference, gradients included."""
+    from dynconv.ops import mixture_algorithms
+
+    monkeypatch.setattr(mixture_algorithms, "BLOCK_ELEMENTS", 3 * 36 * 2)  # 2 channels per block at batch 3
+    assert len(mixture_algorithms._blocks(3, 6, 36)) == 3
+    tensors, conv = _mixture_inputs("3x3", 3, True, "spatial+channel", False)
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    y = mixture_conv2d(*leaves[:4], **conv, mode="fused", spatial=leaves[4], channel=leaves[5])
+    y_ref = _mixture_reference(*tensors, conv)
+    torch.testing.assert_close(y, y_ref, rtol=0.0, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    ref_leaves = [t.clone().requires_grad_(True) for t in tensors]
+    grads_ref = torch.autograd.grad(_mixture_reference(*ref_leaves, conv).square().sum(), ref_leaves)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0.0, atol=1e-11)
+
+
+def test_mixture_rejects_bad_arguments():
+    x, experts, coeff = torch.randn(2, 4, 5, 5), torch.randn(3, 6, 4, 3, 3), torch.rand(2, 3)
+    with pytest.raises(ValueError, match="unknown mixture mode"):
+        mixture_conv2d(x, experts, coeff, padding=1, mode="winograd")
+    with pytest.raises(ValueError, match="single kernel"):
+        mixture_conv2d(x, experts, None, padding=1)
+
+
+# --------------------------------------------------------------------------------- algorithm cache
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Policy "measure" for every shape (tiny ones included), an empty cache, and a counting timer."""
+    from dynconv.ops import algorithm_choice
+
+    calls = []
+
+    def counting_timer():
+        calls.append(1)
+        return time.perf_counter()
+
+    monkeypatch.setattr(algorithm_choice, "MEASURE_MIN_MACS", 0)
+    monkeypatch.setattr(algorithm_choice, "DROP_FACTOR", float("inf"))  # every candidate runs every round
+    monkeypatch.setattr(algorithm_choice, "timer", counting_timer)
+    algorithm_choice.clear_cache()
+    with algorithm_choice.policy("measure"):
+        yield calls
+    algorithm_choice.clear_cache()
+
+
+def _conv_inputs(batch=4, size=7, groups=1, requires_grad=False):
+    x, w, b, conv = _inputs("plain3x3" if groups == 1 else "groups2", batch, True)
+    if requires_grad:
+        x, w, b = (t.requires_grad_(True) for t in (x, w, b))
+    return x, w, b, {**conv, "groups": groups}
+
+
+def test_measured_once_per_shape_then_cached(measured):
+    """The first call of a shape times each candidate (one warm call, then MEASURE_REPEATS timed ones: two
+    timer reads each); later calls of that shape only look the choice up; a new shape measures again."""
+    from dynconv.ops import algorithm_choice
+
+    x, w, b, conv = _conv_inputs()
+    y = per_sample_conv2d(x, w, b, **conv)
+    per_candidate = 2 * algorithm_choice.MEASURE_REPEATS
+    assert len(measured) == 3 * per_candidate  # folded, bmm and loop (batch 4 <= LOOP_MAX_BATCH)
+    (key, entry), = algorithm_choice.choices().items()
+    assert entry["algorithm"] in ("folded", "bmm", "loop") and set(entry["ms"]) == {"folded", "bmm", "loop"}
+    assert "per_sample_conv2d" in key and "x4x4x7x7" in key and "infer" in key
+    torch.testing.assert_close(y, _reference(x, w, b, conv), rtol=0.0, atol=1e-12)
+    for _ in range(3):
+        per_sample_conv2d(x, w, b, **conv)
+    assert len(measured) == 3 * per_candidate  # cached: no more timing
+    per_sample_conv2d(x[:, :, :6, :6], w, b, **conv)  # another input size: another key
+    assert len(measured) == 6 * per_candidate and len(algorithm_choice.choices()) == 2
+    x2, w2, b2, conv2 = _conv_inputs(groups=2)
+    per_sample_conv2d(x2, w2, b2, **conv2)  # grouped: bmm does not apply, two candidates
+    assert len(measured) == 8 * per_candidate
+
+
+@pytest.mark.parametrize("drop_factor", [float("inf"), 2.5])
+def test_fastest_candidate_is_used_and_remembered(measured, monkeypatch, drop_factor):
+    """With a fake clock that makes "bmm" fastest, the cache picks bmm and every later call runs it. With a
+    finite DROP_FACTOR, candidates that lost by more than that in the first round are not timed again."""
+    from dynconv.ops import algorithm_choice, per_sample_conv
+
+    monkeypatch.setattr(algorithm_choice, "DROP_FACTOR", drop_factor)
+    clock, runs = [0.0], {name: 0 for name in ("folded", "bmm", "loop")}
+    cost = {"folded": 5.0, "bmm": 2.0, "loop": 9.0}
+    for name, fn in list(per_sample_conv._PER_SAMPLE.items()):
+        def wrapped(*args, name=name, fn=fn):
+            clock[0] += cost[name]
+            runs[name] += 1
+            return fn(*args)
+        monkeypatch.setitem(per_sample_conv._PER_SAMPLE, name, wrapped)
+    monkeypatch.setattr(algorithm_choice, "timer", lambda: clock[0])
+    x, w, b, conv = _conv_inputs()
+    per_sample_conv2d(x, w, b, **conv)
+    (entry,) = algorithm_choice.choices().values()
+    assert entry["algorithm"] == "bmm" and entry["ms"] == {"folded": 5000.0, "bmm": 2000.0, "loop": 9000.0}
+    repeats = algorithm_choice.MEASURE_REPEATS
+    # One warm call each, then the timed rounds (loop, 9 > 2.5 x 2, leaves after the first when dropping), then
+    # the call itself with the winner.
+    assert runs == {"folded": 1 + repeats, "bmm": 2 + repeats, "loop": 1 + (repeats if drop_factor > 9 else 1)}
+    before = dict(runs)
+    per_sample_conv2d(x, w, b, **conv)
+    assert runs == {**before, "bmm": before["bmm"] + 1}
+
+
+def test_measurement_leaves_the_callers_graph_alone(measured):
+    """Training-mode measurement times forward + backward on detached aliases: the caller's tensors get no
+    .grad from it, the result's graph is the real call's, and its gradients equal the reference's. Training
+    and inference are separate keys."""
+    from dynconv.ops import algorithm_choice
+
+    x, w, b, conv = _conv_inputs(requires_grad=True)
+    y = per_sample_conv2d(x, w, b, **conv)
+    assert x.grad is None and w.grad is None and b.grad is None
+    (key,) = algorithm_choice.choices()
+    assert "train" in key and "grad:111" in key
+    ref = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    grad_out = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, (x, w, b), grad_out),
+                        torch.autograd.grad(_reference(*ref, conv), ref, grad_out)):
+        torch.testing.assert_close(g, g_ref, rtol=0.0, atol=1e-12)
+    with torch.no_grad():
+        per_sample_conv2d(x, w, b, **conv)
+    assert len(algorithm_choice.choices()) == 2
+
+
+def test_mixture_measures_its_modes(measured):
+    """mixture_conv2d measures kernels / outputs / fused (the kernels candidate's own per-sample choice is
+    measured within), caches the winner, and a spatial scale removes "outputs" from the candidates."""
+    from dynconv.ops import algorithm_choice
+
+    tensors, conv = _mixture_inputs("3x3", 3, True, "none", False)
+    y = mixture_conv2d(*tensors[:4], **conv)
+    torch.testing.assert_close(y, _mixture_reference(*tensors, conv), rtol=0.0, atol=1e-12)
+    entries = {key.split()[0]: entry for key, entry in algorithm_choice.choices().items()}
+    assert set(entries["mixture_conv2d"]["ms"]) == {"kernels", "outputs", "fused"}
+    assert "per_sample_conv2d" in entries  # measured inside the kernels candidate's warm call
+    count = len(measured)
+    mixture_conv2d(*tensors[:4], **conv)
+    assert len(measured) == count
+    tensors, conv = _mixture_inputs("3x3", 3, True, "spatial", False)
+    mixture_conv2d(*tensors[:4], **conv, spatial=tensors[4])
+    spatial_key = next(key for key in algorithm_choice.choices() if "spatial" in key)
+    assert set(algorithm_choice.choices()[spatial_key]["ms"]) == {"kernels", "fused"}
+    count, entries = len(measured), len(algorithm_choice.choices())
+    tensors, conv = _mixture_inputs("3x3", 1, True, "spatial", False)
+    mixture_conv2d(*tensors[:4], **conv, spatial=tensors[4])  # batch 1: kernels + plain conv, never timed
+    assert len(measured) == count and len(algorithm_choice.choices()) == entries
+
+
+@pytest.mark.parametrize("policy", ["model", "folded", "loop", "bmm", "kernels", "outputs", "fused"])
+def test_policy_switch(measured, policy):
+    """Policy "model" or a forced algorithm never times anything. A forced per-sample algorithm runs where it
+    applies (bmm: groups=1; elsewhere the cost model), and makes mixtures mix kernels; a forced mixture mode
+    runs where it applies. Results stay exact whatever the policy."""
+    from dynconv.ops import algorithm_choice, per_sample_conv
+
+    seen = []
+    original = dict(per_sample_conv._PER_SAMPLE)
+    for name, fn in original.items():
+        per_sample_conv._PER_SAMPLE[name] = lambda *args, name=name, fn=fn: seen.append(name) or fn(*args)
+    try:
+        with algorithm_choice.policy(policy):
+            x, w, b, conv = _conv_inputs()
+            torch.testing.assert_close(per_sample_conv2d(x, w, b, **conv), _reference(x, w, b, conv), rtol=0,
+                                       atol=1e-12)
+            x2, w2, b2, conv2 = _conv_inputs(groups=2)
+            per_sample_conv2d(x2, w2, b2, **conv2)
+            tensors, mconv = _mixture_inputs("3x3", 3, True, "none", False)
+            torch.testing.assert_close(mixture_conv2d(*tensors[:4], **mconv), _mixture_reference(*tensors, mconv),
+                                       rtol=0, atol=1e-12)
+    finally:
+        per_sample_conv._PER_SAMPLE.update(original)
+    assert measured == [] and algorithm_choice.choices() == {}
+    if policy in ("folded", "loop"):
+        assert seen == [policy, policy, policy]  # the mixture mixed kernels and ran the forced algorithm
+    elif policy == "bmm":
+        assert seen == ["bmm", "folded", "bmm"]  # groups=2: the cost model's folded
+    elif policy in ("outputs", "fused"):
+        assert len(seen) == 2  # the two plain per-sample calls; the mixture ran the forced mode, no kernels
+
+
+def test_policy_validation_and_environment(monkeypatch):
+    from dynconv.ops import algorithm_choice
+
+    with pytest.raises(ValueError, match="allowed"):
+        algorithm_choice.set_policy("fastest")
+    monkeypatch.setenv(algorithm_choice.ENV_VAR, "bmm")
+    assert algorithm_choice._read_env() == "bmm"
+    monkeypatch.setenv(algorithm_choice.ENV_VAR, "")
+    assert algorithm_choice._read_env() == "measure"
+    monkeypatch.setenv(algorithm_choice.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="DYNCONV_CONV_ALGORITHM='fastest'"):
+        algorithm_choice._read_env()
+
+
+def test_canonical_mode_ignores_policy_and_cache(measured):
+    """canonical_cost_mode forces the papers' formulation (mix kernels, folded) whatever the policy: MAC counts
+    do not move, and nothing is timed."""
+    from dynconv.ops import algorithm_choice
+
+    batch, experts = 4, 3
+    x, w, _, conv = _inputs("plain3x3", batch, False)
+    bank, coeff = w[:experts].clone(), torch.rand(batch, experts, dtype=torch.float64)
+    plain = _flops(lambda: F.conv2d(x[:1], bank[0], None, conv["stride"], conv["padding"], 1, 1))
+    for policy in ("measure", "bmm", "outputs", "fused"):
+        with algorithm_choice.policy(policy), canonical_cost_mode():
+            assert _flops(lambda: per_sample_conv2d(x, w, None, **conv)) == batch * plain
+            counted = _flops(lambda: mixture_conv2d(x, bank, coeff, None, conv["stride"], conv["padding"], 1, 1))
+            assert counted == batch * plain + 2 * batch * experts * bank[0].numel()
+    assert measured == [] and algorithm_choice.choices() == {}
+
+
+def test_no_measuring_under_a_dispatch_mode(measured):
+    """A FlopCounterMode outside canonical mode must not count the candidates: the cost model decides."""
+    x, w, _, conv = _inputs("plain3x3", 4, False)
+    folded = _flops(lambda: per_sample_conv2d(x, w, None, **conv, algorithm="folded"))
+    assert _flops(lambda: per_sample_conv2d(x, w, None, **conv)) == folded
+    assert measured == []
+
+
+def test_no_measuring_with_deterministic_algorithms(measured):
+    """torch.use_deterministic_algorithms(True) (the `deterministic` option): the cost model decides, so every
+    process computes the same way."""
+    x, w, b, conv = _conv_inputs()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        per_sample_conv2d(x, w, b, **conv)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert measured == []
+
+
+def test_compiled_call_uses_the_model_without_graph_breaks(measured):
+    """Under torch.compile the choice comes from the cost model (no timing inside a traced graph), in one
+    graph without breaks, and equals eager."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from dynconv.ops import algorithm_choice
+
+    def layer(x, w, experts, coeff, spatial, channel):
+        y = per_sample_conv2d(x, w, None, 1, 1)
+        return y + mixture_conv2d(x, experts, coeff, None, 1, 1, spatial=spatial, channel=channel)
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(3, 4, 6, 6, generator=gen), torch.randn(3, 4, 4, 3, 3, generator=gen),
+            torch.randn(2, 4, 4, 3, 3, generator=gen), torch.rand(3, 2, generator=gen), torch.rand(3, 3, 3,
+            generator=gen), torch.rand(3, 4, generator=gen))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    out = compiled(*args)
+    assert measured == [] and algorithm_choice.choices() == {} and counter.frame_count == 1
+    with algorithm_choice.policy("model"):
+        torch.testing.assert_close(out, layer(*args))
+    torch._dynamo.reset()

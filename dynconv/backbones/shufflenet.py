@@ -32,6 +32,10 @@ SHUFFLENET_RULES = [
     PlaceRule(r"(stage(\d)\.\d+\.branch2)\.\d", "auto", stage="g2", stage_offset=-1, block_group=1),
     PlaceRule(r"conv5\.0", "head", stage=4),
     PlaceRule(r"fc(\.1)?", "classifier", stage=4),
+    # Feature attention (dynconv/attention): appended to the end of branch2 (se, eca, cbam) or of a stage (bam).
+    PlaceRule(r"(stage(\d)\.0)\.branch2\.attn\..*", "se", stage="g2", stage_offset=-1, block_group=1),
+    PlaceRule(r"(stage(\d)\.\d+\.branch2)\.attn\..*", "se", stage="g2", stage_offset=-1, block_group=1),
+    PlaceRule(r"(stage(\d))\.attn\..*", "se", stage="g2", stage_offset=-1, block_group=1),
 ]
 
 STAGE_REPEATS = [4, 8, 4]

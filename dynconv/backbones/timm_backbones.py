@@ -19,6 +19,8 @@ RESNET_RULES = [
     PlaceRule(r"(layer(\d)\.\d+)\.downsample\.0", "downsample", stage="g2", block_group=1),
     PlaceRule(r"(layer(\d)\.\d+)\.se\..*", "se", stage="g2", block_group=1),
     PlaceRule(r"fc", "classifier", stage=5),
+    # attn=bam (dynconv/attention): a module appended to the end of layer1..layer3.
+    PlaceRule(r"(layer(\d))\.attn\..*", "se", stage="g2", block_group=1),
 ]
 
 # timm's EfficientNet-family naming: conv_stem / blocks.S.B.{conv_pw,conv_dw,conv_pwl,conv} / conv_head.
@@ -28,6 +30,8 @@ MOBILENET_RULES = [
     PlaceRule(r"(blocks\.(\d+)\.\d+)\.conv(_pw|_dw|_pwl)?", "auto", stage="g2", stage_offset=1, block_group=1),
     PlaceRule(r"conv_head", "head", stage=8),
     PlaceRule(r"classifier", "classifier", stage=8),
+    # attn=bam (dynconv/attention): a module appended to the end of a stage of blocks.
+    PlaceRule(r"(blocks\.(\d+))\.attn\..*", "se", stage="g2", stage_offset=1, block_group=1),
 ]
 
 CONVNEXT_RULES = [

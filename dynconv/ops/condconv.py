@@ -1,6 +1,10 @@
 """CondConv (Yang et al., NeurIPS 2019): y = (r_1(x) W_1 + ... + r_n(x) W_n) * x.
 
-Routing r(x) = sigmoid(FC(GAP(x))) (the paper's Eq. 2), one routing function per layer. In the paper's
+Routing r(x) = sigmoid(FC(GAP(x))) (the paper's Eq. 2): one routing function per layer (`op.routing=layer`),
+or one per block computed from the block's input and shared by the block's CondConv layers
+(`op.routing=block`), as timm's EfficientNet-CondConv blocks do (its `CondConv2d.forward(x, routing_weights)`
+takes the block's routing); the block-level routing lives in `Backbone.shared_inputs` (see
+`dynconv.ops.shared_input`). In the paper's
 formulation the experts are mixed into one per-sample kernel, so the convolution costs what a static one
 does, plus the mixing ((B x n) @ (n x O*C/g*k*k)) and the routing FC: that is what MAC counting reports.
 `mixture_conv2d` may compute the same result by mixing outputs when that is cheaper for the shape.
@@ -11,26 +15,32 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dynconv.ops.base import OPERATORS, LayerInfo, Operator, require_positive_int
+from dynconv.ops.base import OPERATORS, LayerInfo, Operator, OperatorConfigError, require_positive_int
 from dynconv.ops.kernel_bank import KernelBankConv2d, conv_geometry
 from dynconv.ops.per_sample_conv import mixture_conv2d
+from dynconv.ops.shared_input import attach_shared_inputs, link_shared
+
+ROUTING_SCOPES = ("layer", "block")
 
 
 class CondConv2d(KernelBankConv2d):
     """A drop-in for nn.Conv2d with `experts` kernels mixed per sample by sigmoid routing."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, experts: int = 8):
+                 groups: int = 1, bias: bool = False, experts: int = 8, own_routing: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          kernels=experts, bias=bias)
-        self.routing = nn.Linear(in_channels, experts)
+        # Without own routing, a block-level BlockRouting (linked with `link_shared`) gives r(x).
+        self.routing = nn.Linear(in_channels, experts) if own_routing else None
 
     @property
     def experts(self) -> int:
         return self.kernels
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """r(x) in (0, 1)^n, shape (B, n): Eq. 2 of the paper."""
+        """r(x) in (0, 1)^n, shape (B, n): Eq. 2 of the paper (of the block's input with block routing)."""
+        if self.routing is None:
+            return self.__dict__["shared_input"].read()
         return torch.sigmoid(self.routing(x.mean(dim=(2, 3))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +55,30 @@ class CondConvOperator(Operator):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.experts = require_positive_int(self.cfg, "experts", self.name)
+        self.routing = self.cfg.get("routing", "layer")
+        if self.routing not in ROUTING_SCOPES:
+            raise OperatorConfigError(f"op.routing={self.routing!r} is invalid for op=condconv: allowed values are "
+                                      f"{', '.join(ROUTING_SCOPES)}")
 
     def build(self, layer: LayerInfo) -> nn.Module:
-        return CondConv2d(**conv_geometry(layer.module), bias=layer.module.bias is not None, experts=self.experts)
+        return CondConv2d(**conv_geometry(layer.module), bias=layer.module.bias is not None, experts=self.experts,
+                          own_routing=self.routing == "layer" or layer.block is None)
+
+    def finalize(self, model: nn.Module, decisions) -> None:
+        if self.routing != "block":
+            return
+        links = attach_shared_inputs(model, decisions, "block", lambda source, channels: BlockRouting(channels,
+                                                                                                    self.experts))
+        for layer_name, shared in links.items():
+            link_shared(model.net.get_submodule(layer_name), shared)
+
+
+class BlockRouting(nn.Module):
+    """sigmoid(FC(GAP(block input))): one routing vector per block, shared by its CondConv layers."""
+
+    def __init__(self, in_channels: int, experts: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, experts)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(pooled))

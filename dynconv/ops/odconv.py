@@ -7,10 +7,13 @@ paper's ODConv definition, Sec. 3; its equation number is not cited as the paper
 
 with a_s in R^{k x k} (spatial, shared by all kernels), a_c in R^{C_in} (input channels), a_f in R^{C_out}
 (output filters) and a_w in R^{n} (kernel-wise, softmax). Because a_c and a_f are per channel and shared
-by the n kernels, they commute with the convolution, so (as the paper's implementation does) a_c scales
-the input, a_f scales the output, and only a_s and a_w build the per-sample kernel:
+by the n kernels, they commute with the convolution, so (as the paper's implementation does) a_f scales
+the output and a_c could scale the input; only a_s and a_w need the per-sample kernel:
 
     W_b = a_s(b) . sum_k a_w(b)_k W_k,     y_b = a_f(b) . (W_b * (a_c(b) . x_b))
+
+Here a_c is handed to `mixture_conv2d` with a_s, which applies both where it is cheapest (on the mixed kernel
+in one pass, or on the im2col columns) instead of a separate pass over the feature map.
 
 The attention (Sec. 3, as the reference implements it): GAP -> FC(C_in -> max(int(C_in * 0.0625), 16),
 no bias) -> BN -> ReLU -> four heads, each divided by a temperature T (annealed linearly 30 -> 1 over 10
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 
 from dynconv.ops.base import OPERATORS, LayerInfo, Operator, require_positive_int, require_positive_number
 from dynconv.ops.kernel_bank import KernelBankConv2d, conv_geometry
-from dynconv.ops.per_sample_conv import per_sample_conv2d
+from dynconv.ops.per_sample_conv import mixture_conv2d
 from dynconv.ops.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
 
 
@@ -104,7 +107,8 @@ class ODConv2d(KernelBankConv2d):
                                        min_hidden, schedule)
 
     def sample_kernels(self, spatial: torch.Tensor | None, kernel: torch.Tensor | None, batch: int):
-        """W_b = a_s(b) . sum_k a_w(b)_k W_k, (B, O, C/g, kh, kw); None when every sample shares W_1."""
+        """W_b = a_s(b) . sum_k a_w(b)_k W_k, (B, O, C/g, kh, kw), materialised; None when every sample shares
+        W_1. `forward` does not call this: `mixture_conv2d` applies the same kernels without always building them."""
         if kernel is None and spatial is None:
             return None
         if kernel is None:
@@ -117,14 +121,17 @@ class ODConv2d(KernelBankConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel, filt, spatial, kernel = self.attention(x)
-        x = x * channel[:, :, None, None]
-        weights = self.sample_kernels(spatial, kernel, x.shape[0])
-        if weights is None:
+        if kernel is None and spatial is None:
             # 1 x 1 with one kernel: the kernel is not per sample, so one static convolution is exact and
             # cheaper than materialising B copies of it.
-            out = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
+            out = F.conv2d(x * channel[:, :, None, None], self.weight[0], None, self.stride, self.padding,
+                           self.dilation, self.groups)
         else:
-            out = per_sample_conv2d(x, weights, None, self.stride, self.padding, self.dilation, self.groups)
+            # W_b = a_s(b) . a_c(b) . sum_k a_w(b)_k W_k, by whichever exact algorithm is fastest for the shape.
+            # a_c goes in as a kernel scale rather than pre-multiplied into x: riding along with a_s on the
+            # kernels (or on the im2col columns) it costs no extra pass over the feature map.
+            out = mixture_conv2d(x, self.weight, kernel, None, self.stride, self.padding, self.dilation,
+                                 self.groups, spatial=spatial, channel=channel)
         return out if filt is None else out * filt[:, :, None, None]
 
 
