@@ -41,7 +41,8 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from dynconv.ops.base import (OPERATORS, LayerInfo, Operator, OperatorConfigError, require_positive_int)
+from dynconv.ops.base import (OPERATORS, LayerInfo, Operator, OperatorConfigError, require_positive_int,
+                               require_positive_number)
 from dynconv.ops.kernel_bank import conv_geometry
 from dynconv.ops import per_sample_conv
 from dynconv.ops.per_sample_conv import per_sample_conv2d
@@ -139,12 +140,6 @@ class WeightNetConv2d(nn.Module):
                 f"shared_gap={self.reduce is None}")
 
 
-def _as_fraction(value, key: str) -> Fraction:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op=weightnet: allowed values are numbers > 0")
-    return Fraction(value).limit_denominator(4096)
-
-
 @OPERATORS.register("weightnet")
 class WeightNetOperator(Operator):
     """Knobs: op.lam (lambda = M/G, a positive integer), op.G (> 0; G*C_out must be an integer and G must
@@ -156,7 +151,8 @@ class WeightNetOperator(Operator):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.lam = require_positive_int(self.cfg, "lam", self.name)
-        self.G = _as_fraction(self.cfg.get("G"), "G")
+        # Fractional G (down to 1/C_out, the CondConv end) is kept exact for the per-layer integrality check.
+        self.G = Fraction(require_positive_number(self.cfg, "G", self.name)).limit_denominator(4096)
         self.reduction = require_positive_int(self.cfg, "reduction", self.name)
         self.min_hidden = require_positive_int(self.cfg, "min_hidden", self.name)
         self.gap = self.cfg.get("gap")
