@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from dynconv.build import make_operator
 from dynconv.engine.hooks.operator_schedule import apply_training_progress, scheduled_modules
-from dynconv.ops import OperatorConfigError
 from dynconv.ops.dyconv import DyConv2d
 from dynconv.ops.per_sample_conv import mixture_conv2d
 from dynconv.ops.temperature import LinearTemperature
 
+from op_checks import assert_knob_rejected, load_op_config  # noqa: E402
 from reference_checks import assert_matches_reference  # noqa: E402
 EPOCH = 8.5  # a mid-annealing temperature: T = 30 - 29 * 0.85 = 5.35
 OP = dict(name="dyconv", kernels=4, reduction=0.25, temperature_start=30.0, temperature_end=1.0,
@@ -174,20 +174,12 @@ def test_operator_builds_from_a_conv_with_bias():
     ("temperature_start", float("nan"), "numbers > 0"), ("temperature_epochs", -1, "numbers >= 0"),
 ])
 def test_invalid_knobs_raise_operator_config_error(key, value, allowed):
-    with pytest.raises(OperatorConfigError) as info:
-        make_operator({**OP, key: value})
-    message = str(info.value)
-    assert f"op.{key}" in message and repr(value) in message and allowed in message
+    assert_knob_rejected(OP, key, value, allowed)
 
 
 def test_config_file_builds_the_operator():
     """configs/op/dyconv.yaml holds every knob the operator reads, with valid defaults."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "configs/op/dyconv.yaml"))
-    operator = make_operator(cfg)
+    operator = make_operator(load_op_config("dyconv"))
     assert (operator.kernels, operator.schedule) == (4, LinearTemperature(30.0, 1.0, 10.0))
 
 

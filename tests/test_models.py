@@ -34,11 +34,9 @@ def _build(name: str, op: str, image_size: int = 32, num_classes: int = 10):
 
 def _sk_op():
     """The SK operator's config, read from its YAML (its knobs are its own)."""
-    from pathlib import Path
+    from op_checks import load_op_config
 
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "configs/op/sk.yaml"))
+    return load_op_config("sk")
 
 
 @pytest.mark.parametrize("op", sorted(OPS) + ["sk"])

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from dynconv.build import make_operator
 from dynconv.engine.hooks.operator_schedule import apply_training_progress, scheduled_modules
-from dynconv.ops import OperatorConfigError
 from dynconv.ops.base import LayerInfo
 from dynconv.ops.odconv import ODConv2d
 from dynconv.ops.temperature import LinearTemperature
 
+from op_checks import assert_knob_rejected, load_op_config  # noqa: E402
 from reference_checks import TOL, assert_matches_reference  # noqa: E402
 EPOCH = 8.5  # a mid-annealing temperature: T = 30 - 29 * 0.85 = 5.35
 OP = dict(name="odconv", kernels=4, reduction=0.0625, min_hidden=16, temperature_start=30.0, temperature_end=1.0,
@@ -212,20 +212,12 @@ def test_conversion_rule():
     ("temperature_epochs", -0.5, "numbers >= 0"),
 ])
 def test_invalid_knobs_raise_operator_config_error(key, value, allowed):
-    with pytest.raises(OperatorConfigError) as info:
-        make_operator({**OP, key: value})
-    message = str(info.value)
-    assert f"op.{key}" in message and repr(value) in message and allowed in message
+    assert_knob_rejected(OP, key, value, allowed)
 
 
 def test_config_file_builds_the_operator():
     """configs/op/odconv.yaml holds every knob the operator reads, with valid defaults (ODConv 1x)."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "configs/op/odconv.yaml"))
-    operator = make_operator(cfg)
+    operator = make_operator(load_op_config("odconv"))
     assert (operator.kernels, operator.reduction, operator.min_hidden) == (1, 0.0625, 16)
     assert operator.schedule == LinearTemperature(30.0, 1.0, 10.0)
 

@@ -16,6 +16,7 @@ from dynconv.ops.base import OperatorConfigError
 from dynconv.ops.condconv import CondConv2d
 from dynconv.ops.shared_input import SharedInput
 from dynconv.ops.weightnet import WeightNetConv2d
+from op_checks import load_op_config  # noqa: E402
 from reference_checks import assert_matches_reference  # noqa: E402
 
 WEIGHTNET = dict(name="weightnet", lam=1, G=2, reduction=16, min_hidden=16, gap="block", keep_static=[])
@@ -226,12 +227,7 @@ def test_fractional_g_is_condconv_like_grouping():
 
 
 def test_config_file_builds_the_operator():
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "configs/op/weightnet.yaml"))
-    operator = make_operator(cfg)
+    operator = make_operator(load_op_config("weightnet"))
     assert (operator.lam, operator.G, operator.gap) == (1, 2, "block")
 
 

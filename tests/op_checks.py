@@ -1,0 +1,26 @@
+"""Checks every operator's tests share: its YAML config as the operator reads it, and a rejected knob."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dynconv.build import make_operator
+from dynconv.ops import OperatorConfigError
+
+OP_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "op"
+
+
+def load_op_config(name: str) -> dict:
+    """configs/op/<name>.yaml as a plain dict (what build_backbone receives as `op`)."""
+    return OmegaConf.to_container(OmegaConf.load(OP_CONFIG_DIR / f"{name}.yaml"))
+
+
+def assert_knob_rejected(op_cfg: dict, key: str, value, allowed: str) -> None:
+    """Setting op.<key>=value fails at make_operator with a message naming the key, the value and `allowed`."""
+    with pytest.raises(OperatorConfigError) as info:
+        make_operator({**op_cfg, key: value})
+    message = str(info.value)
+    assert f"op.{key}" in message and repr(value) in message and allowed in message
