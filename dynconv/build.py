@@ -51,3 +51,40 @@ def build_backbone(
     decisions = convert(backbone, operator)
     attention_summary = add_attention(backbone, attn_cfg)
     return BuiltBackbone(backbone, operator, decisions, attention_summary)
+
+
+def _classifier_prefixes(backbone: Backbone) -> list[str]:
+    """State-dict prefixes of the classifier (its layer and, once converted, the modules inside it)."""
+    from dynconv.convert import describe_layers
+
+    names = []
+    for name, module in backbone.net.named_modules():
+        if name and any(rule.role == "classifier" and rule.match(name, module) for rule in backbone.rules):
+            names.append(f"net.{name}.")
+    return names or [f"net.{layer.name}." for layer in describe_layers(backbone) if layer.role == "classifier"]
+
+
+def load_backbone_weights(backbone: Backbone, payload: Mapping[str, Any], path: str) -> list[str]:
+    """Load a classification checkpoint (`payload["model"]`) into a backbone built with the same backbone and op.
+
+    The classifier is skipped when its shape differs (another class count, or a detection model without one);
+    every other key must match, else a ValueError names the checkpoint and the first mismatching keys.
+    Returns the skipped keys.
+    """
+    state = payload.get("model", payload)
+    state = {key.removeprefix("module.").removeprefix("_orig_mod."): value for key, value in state.items()}
+    own = backbone.state_dict()
+    classifier = tuple(_classifier_prefixes(backbone))
+    skipped = [key for key in own if key.startswith(classifier)
+               and (key not in state or state[key].shape != own[key].shape)]
+    problems = [f"missing {key}" for key in own if key not in state and key not in skipped]
+    problems += [f"unexpected {key}" for key in state if key not in own and not key.startswith(classifier)]
+    problems += [f"{key}: {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in own
+                 if key in state and key not in skipped and state[key].shape != own[key].shape]
+    if problems:
+        raise ValueError(f"init_from={path}: the checkpoint does not fit backbone {backbone.name} built with this op "
+                         f"({len(problems)} mismatches: {'; '.join(problems[:5])}); build it with the checkpoint's "
+                         "backbone and op settings")
+    backbone.load_state_dict({key: value for key, value in state.items() if key in own and key not in skipped},
+                             strict=False)
+    return skipped

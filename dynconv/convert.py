@@ -28,7 +28,9 @@ def describe_layers(backbone: Backbone) -> list[LayerInfo]:
 def convert(backbone: Backbone, operator: Operator) -> list[Decision]:
     """Replace, in place, every layer the operator accepts; return one decision per layer."""
     decisions = []
-    for layer in describe_layers(backbone):
+    layers = describe_layers(backbone)
+    operator.prepare(backbone, layers)
+    for layer in layers:
         reason = operator.refuse(layer)
         if reason is None:
             parent_name, _, child = layer.name.rpartition(".")

@@ -160,6 +160,13 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
     data = build_classification_data(cfg.data, cfg.recipe, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
     built = build_backbone(cfg.backbone, config_dict["op"], cfg.attn, num_classes=data.num_classes,
                            image_size=cfg.data.image_size)
+    if cfg.get("init_from"):
+        from dynconv.build import load_backbone_weights
+        from dynconv.engine.checkpoint import load_checkpoint
+
+        skipped = load_backbone_weights(built.backbone, load_checkpoint(cfg.init_from), str(cfg.init_from))
+        if dist.is_main:
+            log.info("initialised from %s (skipped: %s)", cfg.init_from, ", ".join(skipped) or "nothing")
     task = TASKS.get(cfg.task.name)(cfg.task, cfg.recipe, data.num_classes)
     model = task.build_model(built.backbone)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -29,6 +29,12 @@ VALUE_CASES = {
     "experts-zero": (["op=condconv", "op.experts=0"], ["op.experts", "0", "integers >= 1"]),
     # A knob that is valid on its own but does not fit a layer: found by the meta-device dry build.
     "weightnet-g-misfit": (["op=weightnet", "op.G=5"], ["op.G=5", "layer1.0.conv1", "Conv2d(64->64", "allowed"]),
+    # KernelWarehouse: half-divisor cells of ConvNeXt's 3-channel stem, and whole-kernel cells across shapes.
+    "kw-budget-no-whole-cell": (["op=kw", "op.b=1/2", "backbone=convnext_tiny"],
+                                ["op.b", "1/2", "stem.0", "4x4x3x96", "divisor 3"]),
+    "kw-no-common-cell": (["op=kw", "op.partition=false"],
+                          ["op.partition=false", "layer2.0.conv1", "3x3x64x128", "op.sharing_dims=same"]),
+    "kw-mixed-budget-resnet": (["op=kw", "op.b=0.75"], ["op.b=3/4", "resnet18", "1/4, 1/2, 1, 2, 4"]),
     "imagefolder-missing-root": (["data=imagefolder", "data.root=/nonexistent/x"],
                                  ["data.root", "/nonexistent/x", "train/", "val/"]),
     "sched": (["recipe.sched=foo"], ["recipe.sched", "foo", "cosine", "step", "multistep", "linear", "none"]),

@@ -23,6 +23,9 @@ OPS = {
                   "keep_static": []},
     "weightnet_layer": {"name": "weightnet", "lam": 1, "G": 1, "reduction": 16, "min_hidden": 16, "gap": "layer",
                         "keep_static": []},
+    "kw": {"name": "kw", "b": 1, "partition": True, "sharing": "stage", "sharing_dims": "all", "attention": "caf",
+           "init": "one_to_one", "tau_epochs": 10, "tau": 0.5, "omni": False, "reduction": None,
+           "nonlocal_basis": None, "keep_static": []},
 }
 ATTN = {"name": "none"}
 

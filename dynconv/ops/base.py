@@ -121,6 +121,9 @@ class Operator:
             return f"padding={layer.module.padding!r} is not supported"
         return None
 
+    def prepare(self, backbone: nn.Module, layers: list[LayerInfo]) -> None:
+        """Called once with every layer before any is converted (cross-layer plans: shared warehouses)."""
+
     def build(self, layer: LayerInfo) -> nn.Module:
         raise NotImplementedError
 

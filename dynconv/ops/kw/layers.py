@@ -1,0 +1,161 @@
+"""KernelWarehouse layers: a shared warehouse of cells and the convolution / linear layers that assemble from it.
+
+Kernel assembling (Algorithm 1, Part B): alpha (B, m, n) times the warehouse's n cells gives the layer's m
+cells per sample (Eq. 3), which tile the kernel (Eq. 2). Mixtures are ordered (spatial position, output
+group, input group); cells are (cell_out, cell_in, ckh, ckw), 1 x 1 with spatial partition. The assembled
+per-sample kernels go through the shared `per_sample_conv2d` (its measured algorithm choice; batch 1 is a
+plain convolution) or one batched matmul for `nn.Linear`.
+
+A warehouse is a module of its own, registered once in the backbone (`Backbone.warehouses`); each layer keeps
+an unregistered reference to it (as `SharedInput` does), so its cells are one parameter, counted and saved
+once, and receive the gradients of every layer that reads them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dynconv.ops.kw.attention import KWAttention
+from dynconv.ops.kw.plan import LayerCells
+from dynconv.ops.per_sample_conv import per_sample_conv2d
+
+
+class Warehouse(nn.Module):
+    """n kernel cells E = {e_1..e_n} of shape (cell_out, cell_in, ckh, ckw) (Sec. 3.2)."""
+
+    def __init__(self, key: str, cells: int, cell_shape: tuple[int, int, int, int]):
+        super().__init__()
+        self.key = key
+        self.cells = nn.Parameter(torch.empty(cells, *cell_shape))
+        nn.init.kaiming_normal_(self.cells.view(-1, *cell_shape[1:]), mode="fan_out", nonlinearity="relu")
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}, cells={tuple(self.cells.shape)}"
+
+
+def link_warehouse(layer: nn.Module, warehouse: Warehouse) -> None:
+    """A plain reference (not a submodule): the warehouse is registered once, in the backbone."""
+    layer.__dict__["warehouse"] = warehouse
+
+
+def assemble(alpha: torch.Tensor, cells: torch.Tensor, partition: LayerCells, kernel_shape) -> torch.Tensor:
+    """Per-sample kernels (B, *kernel_shape) from alpha (B, m, n) and cells (n, co, ci, ckh, ckw) (Eq. 3, 2)."""
+    batch = alpha.shape[0]
+    p = partition
+    mixed = (alpha.reshape(batch * p.mixtures, -1) @ cells.reshape(cells.shape[0], -1))
+    mixed = mixed.view(batch, p.spatial_groups, p.out_groups, p.in_groups, p.cell_out, p.cell_in, *p.cell_kernel)
+    # (B, S, Go, Gi, co, ci, ckh, ckw) -> (B, Go, co, Gi, ci, S, ckh, ckw): with S > 1 the cells are 1 x 1 and S
+    # runs over the kernel taps; with S = 1 the cell is the whole k x k. A pure view when Go = Gi = S = 1.
+    return mixed.permute(0, 2, 4, 3, 5, 1, 6, 7).reshape(batch, *kernel_shape)
+
+
+class _KWLayer(nn.Module):
+    """What KWConv2d and KWLinear share: the partition, the attention, the warehouse reference."""
+
+    warehouse: Warehouse
+
+    def _init_kw(self, partition: LayerCells, attention: KWAttention, bias: bool, out_channels: int):
+        self.partition = partition
+        self.attention = attention
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def kernels(self, pooled: torch.Tensor):
+        alpha, scales = self.attention(pooled)
+        kernel = assemble(alpha, self.warehouse.cells, self.partition, self.kernel_shape)
+        return kernel, scales, alpha
+
+
+class KWConv2d(_KWLayer):
+    """A drop-in for nn.Conv2d whose kernel is assembled per sample from a shared warehouse."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, *, partition: LayerCells, attention: KWAttention):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.kernel_shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self._init_kw(partition, attention, bias, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, scales, _ = self.kernels(x.mean(dim=(2, 3)))
+        batch = x.shape[0]
+        if scales is not None:  # KW*: ODConv's channel, spatial and filter attentions
+            x = x * scales["channel"][:, :, None, None]
+            if "spatial" in scales:
+                kernel = kernel * scales["spatial"].view(batch, 1, 1, *self.kernel_size)
+        bias = None if self.bias is None else self.bias.expand(batch, -1)
+        out = per_sample_conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
+        if scales is not None and "filter" in scales:
+            out = out * scales["filter"][:, :, None, None]
+        return out
+
+    def extra_repr(self) -> str:
+        p = self.partition
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, warehouse={self.warehouse.key!r}, m={p.mixtures}, "
+                f"cell={p.cell_out}x{p.cell_in}x{p.cell_kernel[0]}x{p.cell_kernel[1]}")
+
+
+class KWLinear(_KWLayer):
+    """A drop-in for nn.Linear (any leading dims: tokens, pixels) assembling its matrix per sample.
+
+    The attention pools every position of a sample: tokens for a transformer (B, N, C), pixels for ConvNeXt's
+    channels-last MLP (B, H, W, C), nothing for a pooled (B, C) input.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, partition: LayerCells,
+                 attention: KWAttention):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel_shape = (out_features, in_features)
+        self._init_kw(partition, attention, bias, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        tokens = x.reshape(batch, -1, self.in_features)
+        kernel, scales, _ = self.kernels(tokens.mean(dim=1))
+        if scales is not None:
+            tokens = tokens * scales["channel"][:, None, :]
+        if batch == 1:
+            out = F.linear(tokens, kernel[0], self.bias)
+        elif self.bias is None:
+            out = torch.bmm(tokens, kernel.transpose(1, 2))
+        else:
+            out = torch.baddbmm(self.bias.view(1, 1, -1), tokens, kernel.transpose(1, 2))
+        if scales is not None and "filter" in scales:
+            out = out * scales["filter"][:, None, :]
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        p = self.partition
+        return (f"{self.in_features}, {self.out_features}, warehouse={self.warehouse.key!r}, m={p.mixtures}, "
+                f"cell={p.cell_out}x{p.cell_in}")
+
+
+class SplitQKV(nn.Module):
+    """timm's fused qkv Linear split so that only the value matrix comes from a warehouse (Sec. 4.1, DeiT:
+    "except the query and key matrices"). Output = cat(q, k, v), the layout timm's Attention unpacks."""
+
+    def __init__(self, qkv: nn.Linear, value: nn.Module):
+        super().__init__()
+        dim = qkv.in_features
+        self.query_key = nn.Linear(dim, 2 * dim, bias=qkv.bias is not None, device=qkv.weight.device,
+                                   dtype=qkv.weight.dtype)
+        with torch.no_grad():
+            self.query_key.weight.copy_(qkv.weight[: 2 * dim])
+            if qkv.bias is not None:
+                self.query_key.bias.copy_(qkv.bias[: 2 * dim])
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.query_key(x), self.value(x)], dim=-1)
+
+
+def layer_fan_out(kernel_shape) -> int:
+    """fan_out of the layer's static kernel (O x kh x kw for a convolution, O for a linear), as torch counts it."""
+    return kernel_shape[0] * math.prod(kernel_shape[2:])

@@ -1,0 +1,214 @@
+"""`op=kw`: KernelWarehouse (Li & Yao, ICML 2024) through the one conversion path.
+
+`prepare` sees every layer of the backbone before any is converted: the backbone's layout (`layouts.py`) says
+which layers share which warehouse, `plan.partition` cuts them into cells, and the warehouses are created and
+registered once in the backbone (`backbone.warehouses`). `build` then turns each planned layer into a
+`KWConv2d` / `KWLinear` (timm's fused qkv into `SplitQKV`, value from the warehouse) whose attention knows its
+mixtures, the warehouse size and its binary initial attentions beta.
+
+Knobs (configs/op/kw.yaml): b, partition, sharing, sharing_dims, attention, init, tau_epochs, tau, omni (KW*),
+reduction, nonlocal_basis, keep_static.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from fractions import Fraction
+
+import torch
+import torch.nn as nn
+
+from dynconv.ops.base import OPERATORS, LayerInfo, Operator, OperatorConfigError
+from dynconv.ops.kernel_bank import conv_geometry
+from dynconv.ops.kw.attention import ATTENTION_FUNCTIONS, KWAttention
+from dynconv.ops.kw.layers import KWConv2d, KWLinear, SplitQKV, Warehouse, layer_fan_out, link_warehouse
+from dynconv.ops.kw.layouts import check_budget, layout_for
+from dynconv.ops.kw.plan import (INIT_STRATEGIES, Assignment, KernelShape, LayerCells, WarehouseSpec, beta_targets,
+                                 parse_budget, partition)
+
+SHARING = ("stage", "layer", "none")
+SHARING_DIMS = ("all", "same")
+
+
+def _choice(cfg, key: str, allowed: tuple[str, ...]) -> str:
+    value = cfg.get(key)
+    if value not in allowed:
+        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op=kw: allowed values are {', '.join(allowed)}")
+    return value
+
+
+def _flag(cfg, key: str) -> bool:
+    value = cfg.get(key)
+    if not isinstance(value, bool):
+        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op=kw: allowed values are true, false")
+    return value
+
+
+def _optional_fraction(cfg, key: str, low: float, high: float, low_open: bool) -> float | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op=kw: allowed values are null or a number in {bound}")
+    return float(value)
+
+
+def is_fused_qkv(layer: LayerInfo) -> bool:
+    return layer.is_linear and layer.role == "attention" and layer.out_channels == 3 * layer.in_channels
+
+
+def kernel_shape_of(layer: LayerInfo) -> KernelShape:
+    """The static kernel a layer brings to its warehouse (for a fused qkv, its value part)."""
+    out_channels = layer.in_channels if is_fused_qkv(layer) else layer.out_channels
+    return KernelShape(layer.name, out_channels, layer.in_channels // layer.groups, layer.kernel_size)
+
+
+@OPERATORS.register("kw")
+class KernelWarehouseOperator(Operator):
+    name = "kw"
+    supports_linear = True
+    static_roles = frozenset({"se"})  # stem, head and classifier: the backbone's layout decides
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.budget = parse_budget(self.cfg.get("b"))
+        self.spatial_partition = _flag(self.cfg, "partition")
+        self.sharing = _choice(self.cfg, "sharing", SHARING)
+        self.sharing_dims = _choice(self.cfg, "sharing_dims", SHARING_DIMS)
+        self.function = _choice(self.cfg, "attention", ATTENTION_FUNCTIONS)
+        self.init = _choice(self.cfg, "init", INIT_STRATEGIES)
+        self.omni = _flag(self.cfg, "omni")
+        tau_epochs = self.cfg.get("tau_epochs")
+        if not isinstance(tau_epochs, (int, float)) or isinstance(tau_epochs, bool) or tau_epochs < 0:
+            raise OperatorConfigError(f"op.tau_epochs={tau_epochs!r} is invalid for op=kw: allowed values are "
+                                      "numbers >= 0 (0: tau = 0 from the first step)")
+        # tau falls 1 -> 0 (Eq. 4); LinearTemperature wants end > 0, so the schedule runs on 1 + tau.
+        self.schedule = _ShiftedSchedule(float(tau_epochs))
+        self.fixed_tau = _optional_fraction(self.cfg, "tau", 0.0, 1.0, low_open=False)
+        if self.init == "none":
+            self.fixed_tau = 0.0  # no beta: tau would only scale the attentions down (Table 9's "without")
+        self.reduction = _optional_fraction(self.cfg, "reduction", 0.0, 1.0, low_open=True)
+        self.nonlocal_basis = _optional_fraction(self.cfg, "nonlocal_basis", 0.0, 1.0, low_open=True)
+        if self.sharing == "none" and (self.budget < 1 or self.budget.denominator != 1):
+            raise OperatorConfigError(f"op.sharing=none needs a whole budget (every mixture owns b cells): op.b="
+                                      f"{self.budget} is invalid with it; allowed values are 1, 2, 4")
+        self.plan: dict[str, tuple[WarehouseSpec, LayerCells]] = {}
+        self.static_reasons: dict[str, str] = {}
+        self.warehouses: dict[str, Warehouse] = {}
+
+    # ------------------------------------------------------------------------------------------- planning
+
+    def prepare(self, backbone: nn.Module, layers: list[LayerInfo]) -> None:
+        layout = layout_for(backbone.name)
+        check_budget(layout, self.budget, backbone.name)
+        self.norm = layout.norm
+        candidates = [layer for layer in layers if Operator.refuse(self, layer) is None]
+        decided = layout.assign(candidates, self.budget)
+        basis = self.nonlocal_basis if self.nonlocal_basis is not None else layout.nonlocal_basis(layers,
+                                                                                                   self.budget)
+        self.basis_ratio = basis
+        groups: dict[str, list[tuple[LayerInfo, Assignment]]] = defaultdict(list)
+        for layer in candidates:
+            decision = decided.get(layer.name, f"the {layout.name} layout of KernelWarehouse does not place it")
+            if isinstance(decision, str):
+                self.static_reasons[layer.name] = decision
+                continue
+            if self.reduction is not None:
+                decision = Assignment(decision.warehouse, decision.budget, decision.cell_ratio,
+                                      decision.in_cell_ratio, self.reduction)
+            groups[self._warehouse_key(layer, decision)].append((layer, decision))
+        if not hasattr(backbone, "warehouses"):
+            backbone.warehouses = nn.ModuleDict()
+        for key, members in groups.items():
+            spec = partition(key, [kernel_shape_of(layer) for layer, _ in members], members[0][1],
+                             self.spatial_partition)
+            warehouse = Warehouse(key, spec.cells, spec.cell_shape)
+            backbone.warehouses[_module_key(key)] = warehouse
+            self.warehouses[key] = warehouse
+            for (layer, _), cells in zip(members, spec.layers):
+                self.plan[layer.name] = (spec, cells)
+
+    def _warehouse_key(self, layer: LayerInfo, assignment: Assignment) -> str:
+        """Table 6 (sharing range in layers), Table 7 (in kernel dimensions), Table 5 (no partition)."""
+        key = assignment.warehouse
+        if self.sharing == "layer":
+            key = layer.name
+        elif self.sharing == "none":
+            key = layer.name  # and each mixture attends to its own cells only (KWAttention's own_cells)
+        shape = kernel_shape_of(layer)
+        if self.sharing_dims == "same":
+            kh, kw = shape.kernel_size
+            key = f"{key}|{kh}x{kw}x{shape.in_per_group}x{shape.out_channels}"
+        return key
+
+    # -------------------------------------------------------------------------------------- conversion
+
+    def refuse(self, layer: LayerInfo) -> str | None:
+        reason = super().refuse(layer)
+        if reason is None and layer.name not in self.plan:
+            reason = self.static_reasons.get(layer.name, "not placed by the KernelWarehouse layout")
+        return reason
+
+    def build(self, layer: LayerInfo) -> nn.Module:
+        spec, cells = self.plan[layer.name]
+        warehouse = self.warehouses[spec.key]
+        shape = kernel_shape_of(layer)
+        attention = self._attention(layer, spec, cells, shape)
+        module = layer.module
+        if layer.is_conv:
+            built = KWConv2d(**conv_geometry(module), bias=module.bias is not None, partition=cells,
+                             attention=attention)
+        else:
+            bias = module.bias is not None
+            built = KWLinear(shape.in_per_group, shape.out_channels, bias=bias, partition=cells, attention=attention)
+        link_warehouse(built, warehouse)
+        self._init_cells(warehouse, cells, built.kernel_shape)
+        return SplitQKV(module, built) if is_fused_qkv(layer) else built
+
+    def _attention(self, layer: LayerInfo, spec: WarehouseSpec, cells: LayerCells, shape: KernelShape) -> KWAttention:
+        beta = torch.zeros(cells.mixtures, spec.cells + 1)
+        for mixture, targets in enumerate(beta_targets(cells, spec.budget, self.init, spec.cells)):
+            beta[mixture, targets if targets else [spec.cells]] = 1.0  # no cell: the zero cell e_z
+        if self.init == "none":
+            beta.zero_()
+        own = None
+        if self.sharing == "none":
+            step = int(spec.budget)
+            own = torch.tensor([[cells.start + i * step + j for j in range(step)] for i in range(cells.mixtures)])
+        omni = None
+        if self.omni:
+            taps = math.prod(shape.kernel_size)
+            omni = (layer.in_channels, shape.out_channels, taps)
+        return KWAttention(layer.in_channels, cells.mixtures, spec.cells, start=cells.start,
+                           local_cells=cells.local_cells, reduction=spec.reduction, norm=self.norm,
+                           function=self.function, beta=beta, schedule=self.schedule, fixed_tau=self.fixed_tau,
+                           nonlocal_basis_ratio=self.basis_ratio, omni=omni, own_cells=own)
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_cells(warehouse: Warehouse, cells: LayerCells, kernel_shape) -> None:
+        """The layer's own cells start like its static kernel would (kaiming-normal, fan_out, ReLU: the init of
+        timm's ResNet/MobileNet convolutions), so that at tau = 1, b = 1 the network is that static network."""
+        std = math.sqrt(2.0 / layer_fan_out(kernel_shape))
+        warehouse.cells[cells.start: cells.start + cells.local_cells].normal_(0.0, std)
+
+
+def _module_key(key: str) -> str:
+    return key.replace(".", "__").replace("|", "__")
+
+
+class _ShiftedSchedule:
+    """tau(e) = max(0, 1 - e / epochs): 1 -> 0 linearly, per iteration (Sec. 3.4, Appendix A.1.1)."""
+
+    def __init__(self, epochs: float):
+        self.epochs = epochs
+
+    def __call__(self, epoch: float) -> float:
+        if self.epochs == 0:
+            return 0.0
+        return max(0.0, 1.0 - max(float(epoch), 0.0) / self.epochs)
+
