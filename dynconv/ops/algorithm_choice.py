@@ -13,7 +13,8 @@ Policies (`set_policy`, or the environment variable DYNCONV_CONV_ALGORITHM read 
   under `torch.use_deterministic_algorithms(True)`: measured choices can differ from process to process, e.g.
   between a run and its resumption, which changes results at the rounding level).
 - an algorithm name ("folded", "bmm", "loop" for per-sample kernels; "kernels", "outputs", "fused" for
-  mixtures): forced wherever it applies; elsewhere the cost model decides. A per-sample algorithm also makes
+  mixtures; "assemble", "cells" for KernelWarehouse layers): forced wherever it applies; elsewhere the cost
+  model decides. A per-sample algorithm also makes
   mixtures mix their kernels, so the forced algorithm is the one that runs.
 
 `canonical_cost_mode()` (MAC counting) overrides every policy with the papers' formulation.
@@ -48,7 +49,8 @@ import torch
 
 PER_SAMPLE_ALGORITHMS = ("folded", "bmm", "loop")
 MIXTURE_MODES = ("kernels", "outputs", "fused")
-POLICIES = ("measure", "model") + PER_SAMPLE_ALGORITHMS + MIXTURE_MODES
+WAREHOUSE_ALGORITHMS = ("assemble", "cells")  # KernelWarehouse layers (dynconv/ops/kw/apply.py)
+POLICIES = ("measure", "model") + PER_SAMPLE_ALGORITHMS + MIXTURE_MODES + WAREHOUSE_ALGORITHMS
 ENV_VAR = "DYNCONV_CONV_ALGORITHM"
 MEASURE_REPEATS = 3
 # After each round, candidates more than this many times slower than the best so far stop being timed: on 2 CPU

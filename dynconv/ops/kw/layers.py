@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynconv.ops.kw.apply import apply_warehouse_conv, assemble
 from dynconv.ops.kw.attention import KWAttention
 from dynconv.ops.kw.plan import LayerCells
-from dynconv.ops.per_sample_conv import per_sample_conv2d
 
 
 class Warehouse(nn.Module):
@@ -40,17 +40,6 @@ class Warehouse(nn.Module):
 def link_warehouse(layer: nn.Module, warehouse: Warehouse) -> None:
     """A plain reference (not a submodule): the warehouse is registered once, in the backbone."""
     layer.__dict__["warehouse"] = warehouse
-
-
-def assemble(alpha: torch.Tensor, cells: torch.Tensor, partition: LayerCells, kernel_shape) -> torch.Tensor:
-    """Per-sample kernels (B, *kernel_shape) from alpha (B, m, n) and cells (n, co, ci, ckh, ckw) (Eq. 3, 2)."""
-    batch = alpha.shape[0]
-    p = partition
-    mixed = (alpha.reshape(batch * p.mixtures, -1) @ cells.reshape(cells.shape[0], -1))
-    mixed = mixed.view(batch, p.spatial_groups, p.out_groups, p.in_groups, p.cell_out, p.cell_in, *p.cell_kernel)
-    # (B, S, Go, Gi, co, ci, ckh, ckw) -> (B, Go, co, Gi, ci, S, ckh, ckw): with S > 1 the cells are 1 x 1 and S
-    # runs over the kernel taps; with S = 1 the cell is the whole k x k. A pure view when Go = Gi = S = 1.
-    return mixed.permute(0, 2, 4, 3, 5, 1, 6, 7).reshape(batch, *kernel_shape)
 
 
 class _KWLayer(nn.Module):
@@ -82,17 +71,24 @@ class KWConv2d(_KWLayer):
         self._init_kw(partition, attention, bias, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, scales, _ = self.kernels(x.mean(dim=(2, 3)))
+        alpha, scales = self.attention(x.mean(dim=(2, 3)))
         batch = x.shape[0]
         if scales is not None:  # KW*: ODConv's channel, spatial and filter attentions
             x = x * scales["channel"][:, :, None, None]
             if "spatial" in scales:
-                kernel = kernel * scales["spatial"].view(batch, 1, 1, *self.kernel_size)
-        bias = None if self.bias is None else self.bias.expand(batch, -1)
-        out = per_sample_conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
+                alpha = self._scale_taps(alpha, scales["spatial"])
+        out = apply_warehouse_conv(x, alpha, self.warehouse.cells, self.bias, self)
         if scales is not None and "filter" in scales:
             out = out * scales["filter"][:, :, None, None]
         return out
+
+    def _scale_taps(self, alpha: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+        """KW*'s spatial attention scales kernel tap s, i.e. (with spatial partition) every mixture of tap s."""
+        p = self.partition
+        batch = alpha.shape[0]
+        if p.spatial_groups == spatial.shape[1]:
+            return (alpha.view(batch, p.spatial_groups, -1) * spatial.view(batch, -1, 1)).view_as(alpha)
+        raise ValueError("KW* (op.omni) needs spatial partition (op.partition=true) for its spatial attention")
 
     def extra_repr(self) -> str:
         p = self.partition

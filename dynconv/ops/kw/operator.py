@@ -82,6 +82,9 @@ class KernelWarehouseOperator(Operator):
         self.function = _choice(self.cfg, "attention", ATTENTION_FUNCTIONS)
         self.init = _choice(self.cfg, "init", INIT_STRATEGIES)
         self.omni = _flag(self.cfg, "omni")
+        if self.omni and not self.spatial_partition:
+            raise OperatorConfigError("op.omni=true (KW*) is invalid with op.partition=false: its spatial attention "
+                                      "scales kernel taps, which needs spatial cells; allowed: op.partition=true")
         tau_epochs = self.cfg.get("tau_epochs")
         if not isinstance(tau_epochs, (int, float)) or isinstance(tau_epochs, bool) or tau_epochs < 0:
             raise OperatorConfigError(f"op.tau_epochs={tau_epochs!r} is invalid for op=kw: allowed values are "

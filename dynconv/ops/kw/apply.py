@@ -1,0 +1,109 @@
+"""Two exact ways to apply a KernelWarehouse convolution, chosen per layer shape like every per-sample conv.
+
+"assemble" is Algorithm 1 Part B as written: alpha (B, m, n) times the n cells gives every sample's kernel
+(B x the layer's parameters, written to memory), then `per_sample_conv2d`. Its cost is a skinny matmul
+B*m x n x cell, bound by writing (and, in training, reading back twice) B kernels: on ResNet18's last stage at
+batch 16 that is 150 MB per layer, several times the convolution itself.
+
+"cells" never builds a kernel. With spatial partition, tap s of the kernel is W_b[s] = sum_j alpha_b[s, j] e_j
+(per output/input cell group), so by linearity
+
+    y_b = sum_s W_b[s] P_b[s] = sum_j e_j (sum_s alpha_b[s, j] P_b[s]) = sum_j e_j Z_b[j]
+
+where P_b[s] are the im2col rows of tap s. Z (B, L, n, C_in) is a small batched matmul over the taps, and the
+rest is ONE dense GEMM of (B*L) x (n*C_in) by the warehouse (n*C_in x C_out), shared by the whole batch. It
+costs n / (k*k) convolutions instead of the memory traffic of B kernels: the better choice where the output has
+few positions (late stages), the worse where it has many (there a kernel is cheap next to the feature map).
+Both give the same result up to rounding (tests/test_kw.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dynconv.ops import algorithm_choice as choice
+from dynconv.ops.kw.plan import LayerCells
+from dynconv.ops.per_sample_conv import conv_output_size, per_sample_conv2d
+
+# Cost model (policy "model", torch.compile, batch 1): "cells" below this many output positions. Measured on
+# 2 CPU cores, ResNet18 at batch 16: "cells" wins at 7x7 (2.4x faster in training), loses at 14x14.
+CELLS_MAX_OUTPUT_POSITIONS = 64
+# Above this many output positions "cells" lost by 4-20x on every ResNet18 layer: not worth timing (the first
+# training step times every candidate, forward and backward).
+CELLS_MEASURE_MAX_POSITIONS = 256
+
+
+def assemble(alpha: torch.Tensor, cells: torch.Tensor, partition: LayerCells, kernel_shape) -> torch.Tensor:
+    """Per-sample kernels (B, *kernel_shape) from alpha (B, m, n) and cells (n, co, ci, ckh, ckw) (Eq. 3, 2)."""
+    batch = alpha.shape[0]
+    p = partition
+    mixed = alpha.reshape(batch * p.mixtures, -1) @ cells.reshape(cells.shape[0], -1)
+    mixed = mixed.view(batch, p.spatial_groups, p.out_groups, p.in_groups, p.cell_out, p.cell_in, *p.cell_kernel)
+    # (B, S, Go, Gi, co, ci, ckh, ckw) -> (B, Go, co, Gi, ci, S, ckh, ckw): with S > 1 the cells are 1 x 1 and S
+    # runs over the kernel taps; with S = 1 the cell is the whole k x k. A pure view when Go = Gi = S = 1.
+    return mixed.permute(0, 2, 4, 3, 5, 1, 6, 7).reshape(batch, *kernel_shape)
+
+
+def by_assembling(x, alpha, cells, bias, layer) -> torch.Tensor:
+    kernel = assemble(alpha, cells, layer.partition, layer.kernel_shape)
+    bias = None if bias is None else bias.expand(x.shape[0], -1)
+    return per_sample_conv2d(x, kernel, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def by_cells(x, alpha, cells, bias, layer) -> torch.Tensor:
+    """sum_j e_j Z_b[j] (module docstring); groups == 1."""
+    p = layer.partition
+    batch = x.shape[0]
+    n = cells.shape[0]
+    taps_per_cell = p.cell_kernel[0] * p.cell_kernel[1]
+    out_h, out_w = conv_output_size(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    positions = out_h * out_w
+    columns = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    # (B, C*k*k, L), channel-major -> (B, L, S*Gi, ci*T): the taps S and input groups Gi are what alpha mixes.
+    columns = columns.view(batch, p.in_groups, p.cell_in, p.spatial_groups, taps_per_cell, positions)
+    columns = columns.permute(0, 5, 3, 1, 2, 4).reshape(batch, positions, p.spatial_groups * p.in_groups,
+                                                        p.cell_in * taps_per_cell)
+    # alpha (B, m = S*Go*Gi, n) -> (B, 1, Go*n, S*Gi), broadcast over the positions.
+    mixing = alpha.view(batch, p.spatial_groups, p.out_groups, p.in_groups, n).permute(0, 2, 4, 1, 3)
+    mixing = mixing.reshape(batch, 1, p.out_groups * n, p.spatial_groups * p.in_groups)
+    mixed_inputs = torch.matmul(mixing, columns)  # (B, L, Go*n, ci*T)
+    warehouse = cells.reshape(n, p.cell_out, -1).transpose(0, 1).reshape(p.cell_out, -1)  # (co, n*ci*T)
+    out = mixed_inputs.reshape(batch * positions * p.out_groups, -1) @ warehouse.t()  # (B*L*Go, co)
+    out = out.view(batch, positions, layer.out_channels).transpose(1, 2).reshape(batch, -1, out_h, out_w)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+ALGORITHMS = {"assemble": by_assembling, "cells": by_cells}
+
+
+def apply_warehouse_conv(x, alpha, cells, bias, layer) -> torch.Tensor:
+    """The layer's output by the algorithm `algorithm_choice` picks for this shape (measured once by default)."""
+    return ALGORITHMS[_choose(x, alpha, cells, bias, layer)](x, alpha, cells, bias, layer)
+
+
+def _choose(x, alpha, cells, bias, layer) -> str:
+    if layer.groups != 1:
+        return "assemble"
+    out_h, out_w = conv_output_size(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    model = "cells" if x.shape[0] > 1 and out_h * out_w <= CELLS_MAX_OUTPUT_POSITIONS else "assemble"
+    policy = choice.get_policy()
+    if policy in choice.WAREHOUSE_ALGORITHMS:
+        return policy
+    if policy in choice.PER_SAMPLE_ALGORITHMS:
+        return "assemble"  # so that the forced per-sample algorithm is what runs
+    from dynconv.ops import per_sample_conv
+
+    if per_sample_conv._canonical_depth > 0:
+        return "assemble"  # MAC counting: the paper's formulation
+    if policy != "measure" or x.shape[0] == 1 or not choice.measuring_allowed(x, cells):
+        return model
+    macs = x.shape[0] * out_h * out_w * layer.in_channels * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    if not choice.worth_measuring(macs):
+        return model
+    names = list(ALGORITHMS) if out_h * out_w <= CELLS_MEASURE_MAX_POSITIONS else ["assemble"]
+    candidates = {name: (lambda fn: lambda *t: fn(*t, layer))(ALGORITHMS[name]) for name in names}
+    key = choice.shape_key("kw_conv2d", x, cells, layer.stride, layer.padding, layer.dilation, layer.groups,
+                           f"m{alpha.shape[1]}", "bias" if bias is not None else "",
+                           needs_grad=tuple(t is not None and t.requires_grad for t in (x, alpha, cells, bias)))
+    return choice.choose(key, candidates, (x, alpha, cells, bias), model)
