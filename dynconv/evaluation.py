@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,7 +24,23 @@ def _merge_overrides(stored: dict[str, Any], cfg: DictConfig) -> DictConfig:
     return run_cfg
 
 
-def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's model rebuilt from its stored config (eval.py's overrides applied), ready to evaluate."""
+
+    payload: dict[str, Any]
+    run_cfg: DictConfig
+    dist: Any
+    data: Any
+    task: Any
+    model: Any
+
+
+def load_for_evaluation(cfg: DictConfig, check_run_config: Callable[[DictConfig], None] | None = None
+                        ) -> LoadedCheckpoint:
+    """Validate, rebuild and load the model of `cfg.checkpoint` (`cfg.weights`: model or ema) on `cfg.device`.
+
+    `check_run_config(run_cfg)` may refuse the stored config (raising ConfigError) before anything is built."""
     from dynconv.data import build_classification_data
     from dynconv.tasks import TASKS
 
@@ -33,6 +50,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = _merge_overrides(payload["config"], cfg)
     validate_model_config(run_cfg)
     validate_data_config(run_cfg)
+    if check_run_config is not None:
+        check_run_config(run_cfg)
     state = payload["model"]
     if cfg.weights == "ema":
         ema_state = payload.get("hooks", {}).get("EMAHook", {}).get("ema")
@@ -49,6 +68,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     model = task.build_model(built.backbone)
     model.load_state_dict(state)
     model.to(dist.device)
+    return LoadedCheckpoint(payload, run_cfg, dist, data, task, model)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    loaded = load_for_evaluation(cfg)
+    payload, run_cfg, dist, data, task, model = (loaded.payload, loaded.run_cfg, loaded.dist, loaded.data,
+                                                 loaded.task, loaded.model)
     metrics = task.evaluate(model, data.val_loader, dist.device, contextlib.nullcontext)
 
     size = int(run_cfg.data.image_size)
