@@ -15,6 +15,7 @@ Why the measurements look the way they do:
   one optimizer step; dynamic operators add parameters (experts, routing), so the optimizer step differs too.
 - Inference runs in eval mode under `torch.no_grad()`, at the benchmark batch and at batch 1 (deployment
   latency, where a dynamic operator cannot amortise its per-sample kernel generation over a batch).
+  A model with training-only reparameterisations is folded first (`inference_model`), as it is deployed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ BENCH_DEVICES = ("auto", "cpu", "cuda")
 # Smallest sensible value of each integer knob. Resolution: a ResNet/MobileNet downsamples 32x, so 32px is
 # where the last stage still sees a 1x1 map. Warmup may be 0 (the first repeat then pays one-off costs).
 BENCH_MINIMUMS = {"batch": 1, "resolution": 32, "repeats": 1, "steps": 1, "warmup": 0, "num_classes": 1}
+# What each bench.mode times: "full" the training step and inference at the bench batch and at batch 1;
+# "latency" batch-1 eval inference only (deployment latency, DyNet's Table 2), nothing else to wait for.
+BENCH_MODES = {"full": ("train", "inference", "batch1"), "latency": ("batch1",)}
 
 
 def validate_bench_config(bench: Mapping[str, Any]) -> None:
@@ -58,6 +62,19 @@ def validate_bench_config(bench: Mapping[str, Any]) -> None:
     if layer is not None and not isinstance(layer, str):
         raise ConfigError(f"bench.layer={layer!r} is invalid; allowed values: null or an fnmatch pattern "
                           "of converted layer names")
+    mode = bench.get("mode", "full")
+    if mode not in BENCH_MODES:
+        raise ConfigError(f"bench.mode={mode!r} is invalid; allowed values: {', '.join(BENCH_MODES)}")
+    baseline = bench.get("baseline")
+    if baseline is not None:
+        from dynconv.backbones import BACKBONES
+
+        if not isinstance(baseline, str) or baseline not in BACKBONES:
+            raise ConfigError(f"bench.baseline={baseline!r} is invalid; allowed values: null (the same backbone) or "
+                              f"a backbone name: {', '.join(BACKBONES.names())}")
+        if bench.get("layers") or layer is not None:
+            raise ConfigError(f"bench.baseline={baseline!r} cannot be combined with bench.layers/bench.layer (layers "
+                              "are compared by name with the same backbone); allowed values here: null")
 
 
 def synchronize(device: torch.device) -> None:
@@ -149,6 +166,23 @@ def inference_step(model: nn.Module, inputs: torch.Tensor) -> Callable[[], None]
             model(inputs)
 
     return step
+
+
+def inference_model(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The model inference is timed on, and whether it was folded.
+
+    Training-only reparameterisations (weight parametrizations such as Weight Excitation's, modules defining
+    `fold_for_inference`) are folded away before deployment, so timing them unfolded would charge inference for
+    work it never does: such a model is timed as `dynconv.profiling.fold_for_inference` returns it (a copy;
+    the training steps keep the original). Anything else is timed as it is.
+    """
+    from torch.nn.utils import parametrize
+
+    from dynconv.profiling import fold_for_inference
+
+    foldable = any(parametrize.is_parametrized(module) or callable(getattr(module, "fold_for_inference", None))
+                   for module in model.modules())
+    return (fold_for_inference(model), True) if foldable else (model, False)
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:

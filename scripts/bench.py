@@ -3,13 +3,20 @@
     python scripts/bench.py backbone=resnet18 op=condconv op.experts=8 bench.batch=16 bench.resolution=224
     python scripts/bench.py ... bench.device=cuda        # on a GPU
     python scripts/bench.py ... bench.layers=true        # also every converted layer alone
+    python scripts/bench.py backbone=dynet_mobile op=dynet bench.mode=latency bench.baseline=mobilenetv2_100
 
-Both models are built once (same backbone, same attn, only the operator differs), fed the same input tensor,
+Both models are built once (same backbone unless `bench.baseline` names another, same attn), fed the same input tensor,
 and timed interleaved (dynamic, static, dynamic, static, ...) after a warmup; every reported time is the
 median over `bench.repeats` repeats of the mean over `bench.steps` iterations. Measured:
 
 - train step: forward + cross-entropy + backward + SGD(momentum 0.9) step, train mode, batch `bench.batch`;
 - inference: eval mode, no_grad, batch `bench.batch` and batch 1 (the issue's target: batch-1 <= 1.2x).
+  An operator whose work is training-only (Weight Excitation's weight parametrizations) is timed folded, as
+  `dynconv.profiling.fold_for_inference` returns it; the JSON's `inference_folded` says so.
+
+`bench.mode=latency` times batch-1 eval inference only (the `batch1_*` keys; the others are null), and
+`bench.baseline=<backbone>` compares against that backbone with op=static instead of the model's own backbone:
+DyNet's Table 2 times Dy-mobile against MobileNetV2(1.0), Dy-ResNet18/50 against ResNet18/50.
 
 Dynamic layers pick their per-sample convolution algorithm per layer shape (`dynconv.ops.algorithm_choice`):
 by default the first call of each shape times the candidates, which the warmup absorbs (with bench.warmup=0
@@ -63,14 +70,17 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     op_cfg = OmegaConf.to_container(cfg.op, resolve=True)
 
-    def build(op):
+    def build(op, backbone_cfg=cfg.backbone):
         torch.manual_seed(0)
-        built = build_backbone(cfg.backbone, op, cfg.attn, num_classes=bench.num_classes,
+        built = build_backbone(backbone_cfg, op, cfg.attn, num_classes=bench.num_classes,
                                image_size=bench.resolution)
         built.backbone.to(device)
         return built
 
-    dynamic, static = build(op_cfg), build({"name": "static"})
+    mode = bench.get("mode", "full")
+    baseline = bench.get("baseline") or cfg.backbone.name
+    baseline_cfg = {**OmegaConf.to_container(cfg.backbone, resolve=True), "name": baseline}
+    dynamic, static = build(op_cfg), build({"name": "static"}, baseline_cfg)
     layer_decisions = select_layers(dynamic, bench) if bench.layers or bench.layer is not None else None
     torch.manual_seed(0)
     inputs = torch.randn(bench.batch, 3, bench.resolution, bench.resolution, device=device)
@@ -79,14 +89,19 @@ def main(argv: list[str]) -> int:
 
     optimizers = {"dynamic": bm.make_optimizer(dynamic.backbone), "static": bm.make_optimizer(static.backbone)}
     models = {"dynamic": dynamic.backbone, "static": static.backbone}
+    # Inference is timed on what deployment runs: training-only reparameterisations (op=lwe/mwe/we) folded.
+    folded, inference_folded = bm.inference_model(dynamic.backbone)
+    inference_models = {"dynamic": folded, "static": static.backbone}
     candidates = {
         name: {
             "train": bm.training_step(model, inputs, targets, optimizers[name]),
-            "inference": bm.inference_step(model, inputs),
-            "batch1": bm.inference_step(model, single),
+            "inference": bm.inference_step(inference_models[name], inputs),
+            "batch1": bm.inference_step(inference_models[name], single),
         }
         for name, model in models.items()
     }
+    candidates = {name: {m: step for m, step in steps.items() if m in bm.BENCH_MODES[mode]}
+                  for name, steps in candidates.items()}
     memory = None
     if use_cuda:
         memory = bm.CudaPeakMemory(device, {name: (lambda n=name: bm.resident_bytes(models[n], optimizers[n]))
@@ -94,7 +109,9 @@ def main(argv: list[str]) -> int:
 
     where = torch.cuda.get_device_name(device) if use_cuda else f"cpu, {torch.get_num_threads()} threads"
     print(dynamic.summary())
-    print(f"{cfg.backbone.name} at {bench.resolution}px, batch {bench.batch}, {where}: "
+    against = "" if baseline == cfg.backbone.name else f" (static: {baseline})"
+    print(f"{cfg.backbone.name}{against} at {bench.resolution}px, batch {bench.batch}, {where}"
+          f"{'' if mode == 'full' else f', mode {mode}'}: "
           f"{bench.warmup} warmup + {bench.repeats} repeats x {bench.steps} steps, interleaved", flush=True)
 
     def progress(repeat, results):
@@ -105,14 +122,18 @@ def main(argv: list[str]) -> int:
     results = bm.interleaved(candidates, device=device, repeats=bench.repeats, warmup=bench.warmup,
                              steps=bench.steps, on_repeat=progress, around=memory)
     ms = {name: {m: round(t.ms, 3) for m, t in timed.items()} for name, timed in results.items()}
+    for timed in ms.values():  # measurements the mode skips are reported as null
+        timed.update({m: None for m in bm.BENCH_MODES["full"] if m not in timed})
 
-    def ratio(measurement: str) -> float:
+    def ratio(measurement: str) -> float | None:
+        if ms["dynamic"][measurement] is None:
+            return None
         return round(ms["dynamic"][measurement] / ms["static"][measurement], 4)
 
     rows = [("train step", "train", bench.batch), ("inference", "inference", bench.batch),
             ("inference", "batch1", 1)]
     print(f"\n{'':24s} {'static ms':>12s} {'dynamic ms':>12s} {'ratio':>8s}")
-    for label, key, batch in rows:
+    for label, key, batch in [row for row in rows if row[1] in bm.BENCH_MODES[mode]]:
         print(f"{label + f' (batch {batch})':24s} {ms['static'][key]:12.2f} {ms['dynamic'][key]:12.2f} "
               f"{ratio(key):7.3f}x")
 
@@ -146,6 +167,9 @@ def main(argv: list[str]) -> int:
         "op": dynamic.operator.describe(),
         "attn": cfg.attn.name,
         "converted_layers": sum(d.converted for d in dynamic.decisions),
+        "inference_folded": inference_folded,
+        "mode": mode,
+        "baseline": baseline,
         "repeats": bench.repeats,
         "warmup": bench.warmup,
         "steps": bench.steps,
@@ -154,6 +178,7 @@ def main(argv: list[str]) -> int:
         "per_repeat_ratios": {
             key: [round(d / s, 4) for d, s in zip(results["dynamic"][m].samples, results["static"][m].samples)]
             for key, m in (("train_step", "train"), ("inference", "inference"), ("batch1_inference", "batch1"))
+            if m in bm.BENCH_MODES[mode]
         },
         "train_step": TRAIN_STEP,
         "notes": None if use_cuda else "peak memory is measured on CUDA only (null on CPU)",
