@@ -16,7 +16,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from dynconv.registry import Registry, UnknownNameError
 
-DATASETS = ("digits", "imagefolder", "imagenet")
+DATASETS = ("digits", "imagefolder", "imagenet", "cifar100")
 SCHEDULES = ("cosine", "step", "multistep", "linear", "none")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -107,16 +107,22 @@ def validate_model_config(cfg: DictConfig) -> None:
 
 def validate_data_config(cfg: DictConfig) -> None:
     from dynconv.data import validate_imagefolder_root
+    from dynconv.data.cifar import CIFAR100_LAYOUT, locate_cifar100
 
     name = _check_choice(cfg, "data.name", DATASETS)
     if name == "digits":
         return
     root = _get(cfg, "data.root")
+    if root in (None, "") and name == "cifar100":
+        raise ConfigError(f"data.root is not set: pass data.root=DIR or set CIFAR100_DIR ({CIFAR100_LAYOUT})")
     if root in (None, ""):
         hint = " or set IMAGENET_DIR" if name == "imagenet" else ""
         raise ConfigError(f"data.root is not set: pass data.root=DIR{hint} (DIR/train/<class>/*, DIR/val/<class>/*)")
     try:
-        validate_imagefolder_root(root)
+        if name == "cifar100":
+            locate_cifar100(root)
+        else:
+            validate_imagefolder_root(root)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise ConfigError(f"data.root={root!r}: {error}") from None
 

@@ -162,7 +162,6 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
                            image_size=cfg.data.image_size)
     if cfg.get("init_from"):
         from dynconv.build import load_backbone_weights
-        from dynconv.engine.checkpoint import load_checkpoint
 
         skipped = load_backbone_weights(built.backbone, load_checkpoint(cfg.init_from), str(cfg.init_from))
         if dist.is_main:

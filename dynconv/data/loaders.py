@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from dynconv.data.cifar import Cifar100, cifar_transforms, locate_cifar100
 from dynconv.data.collate import collate_skip_corrupt
 from dynconv.data.digits import ensure_digits_imagefolder
 from dynconv.data.image_folder import RobustImageFolder, validate_imagefolder_root
@@ -23,7 +24,7 @@ from dynconv.data.transforms import build_transforms
 
 __all__ = ["ClassificationData", "build_classification_data", "DATASET_NAMES"]
 
-DATASET_NAMES = ("digits", "imagefolder", "imagenet")
+DATASET_NAMES = ("digits", "imagefolder", "imagenet", "cifar100")
 
 
 @dataclass
@@ -47,6 +48,8 @@ def _resolve_root(data_cfg: Mapping[str, Any]) -> Path:
     root = Path(str(data_cfg.get("root"))).expanduser()
     if name == "digits":
         return ensure_digits_imagefolder(root, int(data_cfg.get("image_size", 32)))
+    if name == "cifar100":
+        return locate_cifar100(root)  # the folder holding the train/test/meta pickles
     # imagefolder and imagenet share the layout DIR/{train,val}/<class>/*.
     validate_imagefolder_root(root)
     return root
@@ -109,7 +112,7 @@ def build_classification_data(
     seed: int = 0,
     pin_memory: bool | None = None,
 ) -> ClassificationData:
-    """Create train/val loaders for ``data_cfg.name`` in {digits, imagefolder, imagenet}.
+    """Create train/val loaders for ``data_cfg.name`` in {digits, imagefolder, imagenet, cifar100}.
 
     Train: shuffled, padded so every rank has the same number of steps;
     ``recipe_cfg.drop_last`` (default True) drops each rank's last partial batch.
@@ -120,8 +123,16 @@ def build_classification_data(
     root = _resolve_root(data_cfg)
     strict = bool(data_cfg.get("strict", True))
     aug_cfg = recipe_cfg.get("aug") or {}
-    train_set = RobustImageFolder(root / "train", transform=build_transforms(data_cfg, aug_cfg, True), strict=strict)
-    val_set = RobustImageFolder(root / "val", transform=build_transforms(data_cfg, aug_cfg, False), strict=strict)
+    if str(data_cfg.get("name")).lower() == "cifar100":
+        # CIFAR's pickles (test = val split) with CIFAR's own pad-crop-flip augmentation.
+        train_set = Cifar100(root, "train", transform=cifar_transforms(data_cfg, aug_cfg, True))
+        val_set = Cifar100(root, "test", transform=cifar_transforms(data_cfg, aug_cfg, False))
+        counted = f"{root / 'meta'} names {len(train_set.classes)} classes"
+    else:
+        train_set = RobustImageFolder(root / "train", transform=build_transforms(data_cfg, aug_cfg, True),
+                                      strict=strict)
+        val_set = RobustImageFolder(root / "val", transform=build_transforms(data_cfg, aug_cfg, False), strict=strict)
+        counted = f"{root / 'train'} has {len(train_set.classes)} class folders"
     if train_set.classes != val_set.classes:
         # Labels are indices into the sorted class list; a mismatch would shift them.
         raise ValueError(f"train and val classes differ under {root}")
@@ -129,7 +140,7 @@ def build_classification_data(
     num_classes = len(train_set.classes)
     configured = data_cfg.get("num_classes")
     if configured is not None and int(configured) != num_classes:
-        raise ValueError(f"data.num_classes={configured} but {root / 'train'} has {num_classes} class folders")
+        raise ValueError(f"data.num_classes={configured} but {counted}")
 
     class_names = list(train_set.classes)
     train_set = _limit(train_set, data_cfg.get("max_train_samples"))
