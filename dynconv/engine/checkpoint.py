@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -18,22 +18,23 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file that cannot be read; the message names its path."""
 
 
-def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write `payload` to `path` so that `path` is always either the old or the new complete file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
+    """Call `write(handle)` on a temporary file beside `path`, then rename it over `path`: `path` is always
+    either the old or the new complete file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp creates the file 0600; give the checkpoint the permissions a plain open() would.
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_name, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-        # The rename itself must reach the disk before we call the checkpoint saved.
+        # The rename itself must reach the disk before we call the file saved.
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -44,6 +45,11 @@ def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             os.unlink(tmp_name)
         raise
     return path
+
+
+def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """torch.save `payload` to `path` atomically (`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.ops import algorithm_choice as choice
+from dynconv.ops import per_sample_conv
 from dynconv.ops.kw.plan import LayerCells
 from dynconv.ops.per_sample_conv import conv_output_size, per_sample_conv2d
 
@@ -92,8 +93,6 @@ def _choose(x, alpha, cells, bias, layer) -> str:
         return policy
     if policy in choice.PER_SAMPLE_ALGORITHMS:
         return "assemble"  # so that the forced per-sample algorithm is what runs
-    from dynconv.ops import per_sample_conv
-
     if per_sample_conv._canonical_depth > 0:
         return "assemble"  # MAC counting: the paper's formulation
     if policy != "measure" or x.shape[0] == 1 or not choice.measuring_allowed(x, cells):

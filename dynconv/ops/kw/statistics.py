@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dynconv.engine.checkpoint import atomic_save
+from dynconv.engine.checkpoint import atomic_save, atomic_write
 from dynconv.engine.distributed import all_reduce_sum
 from dynconv.ops.kw.layers import KWConv2d, KWLinear
 
@@ -188,23 +187,6 @@ def summarize(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for key, entry in stats.items()}
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-
-
 def save_attention_stats(stats: dict[str, dict[str, Any]], path: str | os.PathLike,
                          metadata: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write `stats` (from `mean_by_warehouse`) to `path` (.pt, loadable with weights_only=True) and a JSON
@@ -222,5 +204,6 @@ def save_attention_stats(stats: dict[str, dict[str, Any]], path: str | os.PathLi
         summary[key]["layers"] = [{k: layer[k] for k in ("name", "rows", "own_cells", "samples")}
                                   for layer in entry["layers"]]
     json_path = path.with_suffix(".json")
-    _write_text_atomic(json.dumps({"warehouses": summary, **dict(metadata or {})}, indent=2) + "\n", json_path)
+    text = json.dumps({"warehouses": summary, **dict(metadata or {})}, indent=2) + "\n"
+    atomic_write(json_path, lambda handle: handle.write(text), binary=False)
     return path, json_path
