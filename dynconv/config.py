@@ -16,7 +16,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from dynconv.registry import Registry, UnknownNameError
 
-DATASETS = ("digits", "imagefolder", "imagenet", "cifar100")
+DATASETS = ("digits", "imagefolder", "imagenet", "cifar100", "coco", "toy_coco")
 SCHEDULES = ("cosine", "step", "multistep", "linear", "none")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -109,8 +109,26 @@ def validate_data_config(cfg: DictConfig) -> None:
     from dynconv.data import validate_imagefolder_root
     from dynconv.data.cifar import CIFAR100_LAYOUT, locate_cifar100
 
+    from dynconv.tasks import TASKS
+
     name = _check_choice(cfg, "data.name", DATASETS)
-    if name == "digits":
+    task_name = _get(cfg, "task.name")
+    fitting = TASKS.get(task_name).data_names if task_name in TASKS.names() else DATASETS
+    if name not in fitting:
+        raise ConfigError(f"data={name} does not fit task={task_name}; allowed data for this task: {', '.join(fitting)}")
+    if name in ("digits", "toy_coco"):
+        return  # embedded datasets, written on first use
+    if name == "coco":
+        from dynconv.data.coco import validate_coco_root
+
+        root = _get(cfg, "data.root")
+        if root in (None, ""):
+            raise ConfigError("data.root is not set: pass data.root=DIR or set COCO_DIR "
+                              "(DIR/annotations/instances_{train,val}2017.json, DIR/train2017/, DIR/val2017/)")
+        try:
+            validate_coco_root(root)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+            raise ConfigError(f"data.root={root!r}: {error}") from None
         return
     root = _get(cfg, "data.root")
     if root in (None, "") and name == "cifar100":

@@ -41,7 +41,6 @@ def load_for_evaluation(cfg: DictConfig, check_run_config: Callable[[DictConfig]
     """Validate, rebuild and load the model of `cfg.checkpoint` (`cfg.weights`: model or ema) on `cfg.device`.
 
     `check_run_config(run_cfg)` may refuse the stored config (raising ConfigError) before anything is built."""
-    from dynconv.data import build_classification_data
     from dynconv.tasks import TASKS
 
     if cfg.weights not in ("model", "ema"):
@@ -60,11 +59,12 @@ def load_for_evaluation(cfg: DictConfig, check_run_config: Callable[[DictConfig]
         state = ema_state
 
     dist = init_distributed(cfg.device)
-    data = build_classification_data(run_cfg.data, run_cfg.recipe, rank=dist.rank, world_size=dist.world_size,
-                                     seed=run_cfg.seed)
+    task_class = TASKS.get(run_cfg.task.name)
+    data = task_class.build_data(run_cfg.data, run_cfg.recipe, rank=dist.rank, world_size=dist.world_size,
+                                 seed=run_cfg.seed)
     built = build_backbone(run_cfg.backbone, OmegaConf.to_container(run_cfg.op, resolve=True), run_cfg.attn,
                            num_classes=data.num_classes, image_size=run_cfg.data.image_size)
-    task = TASKS.get(run_cfg.task.name)(run_cfg.task, run_cfg.recipe, data.num_classes)
+    task = task_class(run_cfg.task, run_cfg.recipe, data.num_classes, data)
     model = task.build_model(built.backbone)
     model.load_state_dict(state)
     model.to(dist.device)
@@ -77,16 +77,16 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
                                                  loaded.task, loaded.model)
     metrics = task.evaluate(model, data.val_loader, dist.device, contextlib.nullcontext)
 
-    size = int(run_cfg.data.image_size)
-    macs = count_macs(model, (3, size, size))
+    # Detection: the test scale (the model resizes every image to it); classification: the training size.
+    size = int(run_cfg.data.get("test_size") or run_cfg.data.image_size)
+    folded = fold_for_inference(model)
     return {
-        "top1": metrics["top1"],
-        "top5": metrics["top5"],
-        "loss": metrics["loss"],
-        "samples": metrics["samples"],
+        **{key: metrics.get(key) for key in task.result_keys()},
+        "samples": metrics.get("samples"),
         "params": count_params(model),
-        "params_inference": count_params(fold_for_inference(model)),
-        "macs": macs.total,
+        "params_inference": count_params(folded),
+        "macs": count_macs(model, (3, size, size)).total,
+        "macs_inference": count_macs(folded, (3, size, size)).total,
         "input_size": [3, size, size],
         "checkpoint": str(cfg.checkpoint),
         "weights": cfg.weights,

@@ -154,10 +154,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict)))
 
-    from dynconv.data import build_classification_data
     from dynconv.tasks import TASKS
 
-    data = build_classification_data(cfg.data, cfg.recipe, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
+    task_class = TASKS.get(cfg.task.name)
+    data = task_class.build_data(cfg.data, cfg.recipe, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
     built = build_backbone(cfg.backbone, config_dict["op"], cfg.attn, num_classes=data.num_classes,
                            image_size=cfg.data.image_size)
     if cfg.get("init_from"):
@@ -166,7 +166,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
         skipped = load_backbone_weights(built.backbone, load_checkpoint(cfg.init_from), str(cfg.init_from))
         if dist.is_main:
             log.info("initialised from %s (skipped: %s)", cfg.init_from, ", ".join(skipped) or "nothing")
-    task = TASKS.get(cfg.task.name)(cfg.task, cfg.recipe, data.num_classes)
+    task = task_class(cfg.task, cfg.recipe, data.num_classes, data)
     model = task.build_model(built.backbone)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist.is_main:
@@ -195,11 +195,9 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
     elapsed = time.perf_counter() - started
 
     metrics = trainer.metrics
-    result = {
-        "top1": metrics.get("top1"),
-        "top5": metrics.get("top5"),
-        "loss": metrics.get("loss"),
-        "best_top1": trainer.best_metrics.get("top1"),
+    result = {key: metrics.get(key) for key in task.result_keys()}
+    result.update({
+        f"best_{task.primary_metric}": trainer.best_metrics.get(task.primary_metric),
         "epochs": trainer.epochs_done,
         "world_size": dist.world_size,
         "run_dir": str(run_dir.resolve()),
@@ -208,10 +206,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
         "params": params,
         "train_time_s": round(elapsed, 2),
         "skipped_images": len(trainer.skipped_images),
-    }
-    for key in ("ema_top1", "ema_top5"):
-        if key in metrics:
-            result[key] = metrics[key]
+    })
+    for key in task.result_keys():
+        if f"ema_{key}" in metrics:
+            result[f"ema_{key}"] = metrics[f"ema_{key}"]
     if trainer.stop_reason:
         result["stop_reason"] = trainer.stop_reason
     if dist.is_main:

@@ -3,7 +3,8 @@
     python scripts/profile.py backbone=resnet18 op=condconv op.experts=8
 
 Prints a readable summary, then, as the last stdout line, one JSON object:
-{"params": int, "params_inference": int, "macs": int, "input_size": [3, H, W], ...}.
+{"params": int, "params_inference": int, "macs": int, "macs_inference": int, "input_size": [3, H, W], ...}
+(`*_inference`: after `fold_for_inference`, e.g. Weight Excitation folded into plain convolutions).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> int:
     folded = fold_for_inference(model)
     params_inference = count_params(folded)
     macs = count_macs(model, input_size)
+    macs_inference = count_macs(folded, input_size).total  # training-only reparameterisations (WE) folded away
 
     print(built.summary())
     if cfg.profile.layers:
@@ -45,12 +47,14 @@ def main(argv: list[str]) -> int:
     print(f"params           {params:>15,}  ({params / 1e6:.2f}M)")
     print(f"params_inference {params_inference:>15,}  ({params_inference / 1e6:.2f}M)")
     print(f"MACs             {macs.total:>15,}  ({macs.total / 1e9:.3f}G)")
+    print(f"MACs_inference   {macs_inference:>15,}  ({macs_inference / 1e9:.3f}G)")
     for name, count in sorted(macs.by_module.items(), key=lambda item: -item[1])[:8]:
         print(f"  {name:30s} {count / 1e6:10.2f}M MACs")
     print(json.dumps({
         "params": params,
         "params_inference": params_inference,
         "macs": macs.total,
+        "macs_inference": macs_inference,
         "input_size": list(input_size),
         "backbone": cfg.backbone.name,
         "op": built.operator.describe(),

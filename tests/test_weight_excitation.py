@@ -400,3 +400,23 @@ def test_mwe_folds_too():
     _calibrate_batch_norm(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fold_for_inference(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_profile_script_reports_folded_macs():
+    """scripts/profile.py: `macs_inference` (folded) is the static network's MACs, `macs` includes LWE's MLP."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile.py"
+
+    def profile(op: str) -> dict:
+        done = subprocess.run([sys.executable, str(script), "backbone=resnet18", f"op={op}", "profile.resolution=32"],
+                              capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    lwe, static = profile("lwe"), profile("static")
+    assert lwe["macs_inference"] == static["macs"] == static["macs_inference"]
+    assert lwe["macs"] > lwe["macs_inference"]
+    assert lwe["params_inference"] == static["params"]

@@ -59,7 +59,9 @@ class Trainer:
         self.train_model: nn.Module = model
         if dist.distributed:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(model, device_ids=device_ids)
+            self.train_model = DistributedDataParallel(
+                model, device_ids=device_ids,
+                find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
         if compile_model:
             self.train_model = torch.compile(self.train_model)
 
@@ -77,6 +79,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.best_metrics: dict[str, float] = {}
         self.scalars: dict[str, float] = {}  # per-step extras for the loggers (operator temperatures, ...)
+        self.loss_terms: dict[str, torch.Tensor] = {}  # a task's loss components (detection), on the device
         self.skipped_images: list[str] = []
         self.stop_reason: str | None = None
         self.exit_code = 0
@@ -106,7 +109,9 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch = epoch
             self.train_sampler.set_epoch(epoch)
-            self.train_sampler.set_start(self.batches_done * self.train_loader.batch_size)
+            # A batch-sampler loader (detection's aspect-ratio groups) has no batch_size of its own.
+            batch_size = self.train_loader.batch_size or self.train_sampler.batch_size
+            self.train_sampler.set_start(self.batches_done * batch_size)
             self._call("before_epoch")
             self._run_epoch()
             if self.stop_reason:
@@ -132,18 +137,19 @@ class Trainer:
                 continue
             self._call("before_step")
             inputs, targets = self.task.prepare_batch(batch, device, training=True)
-            if self.channels_last:
+            if self.channels_last and isinstance(inputs, torch.Tensor):
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with self.autocast():
-                outputs = self.train_model(inputs)
-                loss = self.task.loss(outputs, targets)
+                loss, batch_size, loss_terms = self.task.forward_loss(self.train_model, inputs, targets)
             self.optimizer.zero_grad(set_to_none=True)
             self._backward_and_step(loss)
 
             self.global_step += 1
             self.batches_done += 1
             self.last_loss = loss.detach()
-            self.last_batch_size = inputs.shape[0]
+            self.last_batch_size = batch_size
+            # Loss components stay on the device; the loggers read them every `log.every` steps.
+            self.loss_terms = {f"train/{key}": value.detach() for key, value in loss_terms.items()}
             loss_sum += self.last_loss.double() * self.last_batch_size
             seen += self.last_batch_size
             self._call("after_step")
@@ -179,7 +185,8 @@ class Trainer:
 
     def record_eval(self, metrics: dict[str, float]) -> None:
         self.metrics = {**metrics, "epoch": self.epoch + 1, "train_loss": self.epoch_loss}
-        if metrics.get("top1", float("-inf")) >= self.best_metrics.get("top1", float("-inf")):
+        key = self.task.primary_metric
+        if metrics.get(key, float("-inf")) >= self.best_metrics.get(key, float("-inf")):
             self.best_metrics = dict(self.metrics)
         self.log.info("epoch %d/%d: %s", self.epoch + 1, self.epochs,
                       " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()))

@@ -1,7 +1,7 @@
 """The task seam: what turns a converted backbone into a trainable model and scores it.
 
-A task owns its head, its loss, its batch preparation and its evaluation; the engine only calls these.
-Classification lives here now; RetinaNet and Mask R-CNN register into TASKS with the detection issue.
+A task owns its data, its head, its loss, its batch preparation and its evaluation; the engine only calls these.
+Classification (top-1/top-5) and detection (RetinaNet, Mask R-CNN: box and mask AP) register into TASKS.
 """
 
 from __future__ import annotations
@@ -16,11 +16,20 @@ from dynconv.registry import Registry
 
 class Task:
     name = "base"
+    primary_metric = "top1"  # the metric that picks best.pt (higher is better)
+    find_unused_parameters = False  # DDP: whether some trainable parameters may get no gradient in a step
+    data_names: tuple[str, ...] = ()  # the data.name values this task can train on
 
-    def __init__(self, cfg: Mapping[str, Any], recipe: Mapping[str, Any], num_classes: int):
+    def __init__(self, cfg: Mapping[str, Any], recipe: Mapping[str, Any], num_classes: int, data: Any = None):
         self.cfg = cfg
         self.recipe = recipe
         self.num_classes = num_classes
+        self.data = data  # what build_data returned (the evaluator of a detection task needs its ground truth)
+
+    @staticmethod
+    def build_data(data_cfg: Mapping[str, Any], recipe: Mapping[str, Any], *, rank: int, world_size: int, seed: int):
+        """The train/val loaders; returns an object with train_loader, val_loader, train_sampler, num_classes."""
+        raise NotImplementedError
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         raise NotImplementedError
@@ -32,9 +41,22 @@ class Task:
     def loss(self, outputs, targets) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_loss(self, model: nn.Module, inputs, targets) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """One training forward: (loss, images in the batch, extra scalars for the loggers)."""
+        return self.loss(model(inputs), targets), inputs.shape[0], {}
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, device: torch.device, autocast) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, loader, device: torch.device, autocast, channels_last: bool = False
+                 ) -> dict[str, float]:
         raise NotImplementedError
+
+    def result_keys(self) -> list[str]:
+        """The metrics that train.py's and eval.py's final JSON line carry."""
+        return [self.primary_metric]
+
+    def example_input(self, resolution: int, device: torch.device | str = "cpu"):
+        """What the model takes for one image (MAC counting)."""
+        return torch.zeros(1, 3, resolution, resolution, device=device)
 
 
 TASKS: Registry[type[Task]] = Registry("task", "task.name")

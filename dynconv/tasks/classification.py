@@ -15,9 +15,11 @@ from dynconv.tasks.base import TASKS, Task
 @TASKS.register("classification")
 class ClassificationTask(Task):
     name = "classification"
+    primary_metric = "top1"
+    data_names = ("digits", "imagefolder", "imagenet", "cifar100")
 
-    def __init__(self, cfg, recipe, num_classes):
-        super().__init__(cfg, recipe, num_classes)
+    def __init__(self, cfg, recipe, num_classes, data=None):
+        super().__init__(cfg, recipe, num_classes, data)
         aug = recipe.get("aug", {}) or {}
         smoothing = float(recipe.get("smoothing", 0.0) or 0.0)
         mixup, cutmix = float(aug.get("mixup", 0.0) or 0.0), float(aug.get("cutmix", 0.0) or 0.0)
@@ -38,6 +40,12 @@ class ClassificationTask(Task):
         else:
             self.criterion = nn.CrossEntropyLoss()
 
+    @staticmethod
+    def build_data(data_cfg, recipe, *, rank, world_size, seed):
+        from dynconv.data import build_classification_data
+
+        return build_classification_data(data_cfg, recipe, rank=rank, world_size=world_size, seed=seed)
+
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return backbone  # the backbone keeps its own classifier (sized by num_classes)
 
@@ -54,6 +62,9 @@ class ClassificationTask(Task):
 
     def loss(self, outputs, targets):
         return self.criterion(outputs, targets)
+
+    def result_keys(self):
+        return ["top1", "top5", "loss"]
 
     @torch.no_grad()
     def evaluate(self, model, loader, device, autocast, channels_last=False):

@@ -1,4 +1,5 @@
-"""Atomic checkpoints: `checkpoints/last.pt` after every epoch and on preemption, `best.pt` on a new best top-1."""
+"""Atomic checkpoints: `checkpoints/last.pt` after every epoch and on preemption, `best.pt` on a new best of the
+task's primary metric (top-1, or box AP for detection)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ class CheckpointHook(Hook):
     def __init__(self, directory: Path, save_best: bool = True):
         self.directory = Path(directory)
         self.save_best = save_best
-        self.best_top1 = float("-inf")
+        self.best_value = float("-inf")
 
     @property
     def last_path(self) -> Path:
@@ -31,13 +32,14 @@ class CheckpointHook(Hook):
             return
         payload = trainer.checkpoint_payload(epochs_done=trainer.epoch + 1, batches_done=0)
         atomic_save(payload, self.last_path)
-        top1 = trainer.metrics.get("top1")
-        if self.save_best and top1 is not None and top1 > self.best_top1:
-            self.best_top1 = top1
+        value = trainer.metrics.get(trainer.task.primary_metric)
+        if self.save_best and value is not None and value > self.best_value:
+            self.best_value = value
             atomic_save(payload, self.directory / "best.pt")
 
     def state_dict(self):
-        return {"best_top1": self.best_top1}
+        return {"best": self.best_value}
 
     def load_state_dict(self, state):
-        self.best_top1 = state.get("best_top1", self.best_top1)
+        # "best_top1": checkpoints written before detection tasks existed.
+        self.best_value = state.get("best", state.get("best_top1", self.best_value))

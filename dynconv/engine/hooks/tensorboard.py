@@ -32,8 +32,8 @@ class TensorBoardHook(Hook):
         if elapsed > 0:
             # Throughput over all ranks: each rank sees 1/world_size of the images.
             self.writer.add_scalar("train/throughput", self._window_images * trainer.dist.world_size / elapsed, step)
-        for key, value in trainer.scalars.items():
-            self.writer.add_scalar(key, value, step)
+        for key, value in {**trainer.scalars, **trainer.loss_terms}.items():
+            self.writer.add_scalar(key, float(value), step)
         self._window_start, self._window_images = now, 0
 
     def after_epoch(self, trainer):
