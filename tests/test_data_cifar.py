@@ -138,7 +138,7 @@ def test_validation_accepts_the_release(compose_cfg, release):
 
 def test_experiment_sets_the_papers_cifar_recipe(compose_cfg):
     """Sec. 4.3: batch 256, SGD momentum 0.9, decay 5e-4, lr 0.1 / 10 at epochs 81 and 122, 164 epochs."""
-    cfg = compose_cfg(["experiment=resnext50_32x4d_lwe_cifar100"])
+    cfg = compose_cfg(["experiment=resnext29_16x64d_lwe_cifar100"])
     assert (cfg.op.name, cfg.data.name, cfg.data.num_classes, cfg.data.image_size) == ("lwe", "cifar100", 100, 32)
     recipe = cfg.recipe
     assert (recipe.epochs, recipe.batch_size, recipe.opt, recipe.lr, recipe.momentum) == (164, 256, "sgd", 0.1, 0.9)

@@ -42,8 +42,13 @@ def _sk_op():
     return load_op_config("sk")
 
 
+# ResNeXt-29 16x64d (68M parameters, 10.7 GMACs at 32 px) has ResNeXt50's bottlenecks, which every operator is
+# trained through here already; its conversions are checked in tests/test_cifar_backbones.py.
+HEAVY = {"resnext29_16x64d"}
+
+
 @pytest.mark.parametrize("op", sorted(OPS) + ["sk"])
-@pytest.mark.parametrize("name", BACKBONES.names())
+@pytest.mark.parametrize("name", [name for name in BACKBONES.names() if name not in HEAVY])
 def test_one_training_step(name, op):
     """Forward, backward and an SGD step work for every registered backbone with every operator.
 
@@ -112,6 +117,8 @@ def test_forward_features_channels_and_strides(name):
     assert len(strides) == len(channels) == len(features)
     if name.startswith("deit"):
         assert len(features) == 1
+    elif name == "resnext29_16x64d":  # a CIFAR network: 3 stages at strides 1, 2, 4
+        assert list(features) == ["C0", "C1", "C2"] and strides == [1, 2, 4]
     else:
         assert list(features) == ["C2", "C3", "C4", "C5"]
         assert strides == [4, 8, 16, 32]
