@@ -99,9 +99,13 @@ def validate_model_config(cfg: DictConfig) -> None:
         from dynconv.build import build_backbone
 
         with torch.device("meta"):
-            build_backbone(cfg.backbone, op_cfg, cfg.attn, num_classes=10,
-                           image_size=int(OmegaConf.select(cfg, "data.image_size", default=224)))
+            built = build_backbone(cfg.backbone, op_cfg, cfg.attn, num_classes=10,
+                                   image_size=int(OmegaConf.select(cfg, "data.image_size", default=224)))
     except OperatorConfigError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        TASKS.get(cfg.task.name).validate_config(cfg.task, built.backbone)
+    except ValueError as error:
         raise ConfigError(str(error)) from None
 
 

@@ -22,11 +22,39 @@ from omegaconf import OmegaConf  # noqa: E402
 
 
 
+def profile_detection(cfg, task_class) -> int:
+    """task=retinanet|maskrcnn: the detector at `profile.resolution` (default 600, WeightNet's scale; the
+    KernelWarehouse Mask R-CNN recipe tests at 800), and its backbone's classification counts beside it."""
+    from dynconv.detection.profile import profile_detector
+
+    resolution = int(cfg.profile.resolution or 600)
+    counts = profile_detector(task_class, cfg, resolution)
+    print(counts.pop("summary"))
+    decisions = counts.pop("decisions")
+    print(f"detector {cfg.task.name} on a {resolution}x{resolution} image, {counts['num_classes']} classes")
+    print(f"params           {counts['params']:>15,}  ({counts['params'] / 1e6:.2f}M)")
+    print(f"MACs             {counts['macs']:>15,}  ({counts['macs'] / 1e9:.3f}G)")
+    for name, count in sorted(counts.pop("macs_by_part").items(), key=lambda item: -item[1]):
+        print(f"  {name:30s} {count / 1e6:10.2f}M MACs")
+    print(f"backbone + FPN   {counts['features_macs']:>15,}  ({counts['features_macs'] / 1e9:.3f}G)")
+    print(f"backbone alone (ImageNet classifier, {counts['backbone_resolution']} px): "
+          f"{counts['backbone_params']:,} params ({counts['backbone_params'] / 1e6:.2f}M), "
+          f"{counts['backbone_macs']:,} MACs ({counts['backbone_macs'] / 1e6:.1f}M)")
+    print(json.dumps({**counts, "task": cfg.task.name, "backbone": cfg.backbone.name, "op": cfg.op.name,
+                      "attn": cfg.attn.name, "converted_layers": sum(d.converted for d in decisions)}))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     cfg = compose_or_exit("profile", argv, validate="model")
     from dynconv.build import build_backbone
     from dynconv.profiling import count_macs, count_params, fold_for_inference
 
+    from dynconv.tasks import TASKS
+
+    task_class = TASKS.get(cfg.task.name)
+    if "coco" in task_class.data_names:
+        return profile_detection(cfg, task_class)
     resolution = cfg.profile.resolution or cfg.backbone.default_resolution
     built = build_backbone(cfg.backbone, OmegaConf.to_container(cfg.op, resolve=True), cfg.attn,
                            num_classes=cfg.profile.num_classes, image_size=resolution)

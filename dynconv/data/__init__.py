@@ -1,6 +1,17 @@
-"""Classification data pipeline: datasets, deterministic sampling, transforms, loaders."""
+"""Data pipelines: classification (ImageFolder, digits, CIFAR-100) and detection (COCO, toy COCO); deterministic
+sampling, transforms, loaders."""
 
+from dynconv.data.coco import CocoDetectionDataset, coco_subset, validate_coco_root
 from dynconv.data.collate import collate_skip_corrupt
+from dynconv.data.detection_loaders import (
+    DETECTION_DATASET_NAMES,
+    DetectionData,
+    build_detection_data,
+    collate_detection,
+)
+from dynconv.data.detection_transforms import build_detection_transforms
+from dynconv.data.grouped_sampler import GroupedBatchSampler
+from dynconv.data.toy_coco import ensure_toy_coco
 from dynconv.data.digits import ensure_digits_imagefolder
 from dynconv.data.image_folder import (
     CorruptImageError,
@@ -13,7 +24,17 @@ from dynconv.data.seeded import EpochSampler, SeededDataset
 from dynconv.data.transforms import build_transforms
 
 __all__ = [
+    "DETECTION_DATASET_NAMES",
     "ClassificationData",
+    "CocoDetectionDataset",
+    "DetectionData",
+    "GroupedBatchSampler",
+    "build_detection_data",
+    "build_detection_transforms",
+    "coco_subset",
+    "collate_detection",
+    "ensure_toy_coco",
+    "validate_coco_root",
     "CorruptImageError",
     "CorruptSample",
     "EpochSampler",

@@ -31,6 +31,11 @@ class Task:
         """The train/val loaders; returns an object with train_loader, val_loader, train_sampler, num_classes."""
         raise NotImplementedError
 
+    @classmethod
+    def validate_config(cls, cfg: Mapping[str, Any], backbone: nn.Module) -> None:
+        """Refuse bad task knobs (ValueError naming `task.<key>` and the allowed values) before anything runs;
+        `backbone` is the converted backbone, built on the meta device."""
+
     def build_model(self, backbone: nn.Module) -> nn.Module:
         raise NotImplementedError
 

@@ -1,0 +1,143 @@
+"""Object detection tasks: RetinaNet (WeightNet Sec. 4.2) and Mask R-CNN (KernelWarehouse Appendix A.1.2).
+
+The model is torchvision's detector on the converted backbone (`dynconv.detection.models`); it normalises,
+resizes and batches the images itself and returns its loss dict in training and per-image detections in
+original image coordinates at eval. Evaluation is COCO AP (`dynconv.detection.coco_eval`), in percent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dynconv.detection.coco_eval import STAT_NAMES, CocoEvaluator
+from dynconv.detection.freeze import max_stage
+from dynconv.detection.models import (
+    MASKRCNN_LEVELS,
+    RETINANET_LEVELS,
+    build_maskrcnn,
+    build_retinanet,
+    maskrcnn_knobs,
+    retinanet_knobs,
+)
+from dynconv.detection.neck import available_levels, strip_classifier
+from dynconv.engine.distributed import all_reduce_sum
+from dynconv.tasks.base import TASKS, Task
+
+
+def _plain(value):
+    """tv_tensors (BoundingBoxes, Mask) -> plain tensors: torchvision's detectors index and rebuild them."""
+    return value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
+
+
+class DetectionTask(Task):
+    name = "detection"
+    primary_metric = "bbox_AP"
+    # The neck removes what the detector never runs (classifier, unused heads), so every trainable parameter
+    # gets a gradient at every step and DDP needs no unused-parameter search.
+    find_unused_parameters = False
+    iou_types: tuple[str, ...] = ("bbox",)
+    data_names = ("coco", "toy_coco")
+    builder = staticmethod(build_retinanet)
+
+    def __init__(self, cfg, recipe, num_classes, data=None):
+        # data: the DetectionData of build_data (sizes, mean/std, val ground truth, category ids); None builds
+        # a detector with torchvision's default sizes (profiling), which cannot be evaluated.
+        super().__init__(cfg, recipe, num_classes, data)
+
+    @classmethod
+    def with_masks(cls) -> bool:
+        return "segm" in cls.iou_types
+
+    @classmethod
+    def build_data(cls, data_cfg, recipe, *, rank, world_size, seed):
+        from dynconv.data.detection_loaders import build_detection_data  # imported here: COCO deps are optional
+
+        return build_detection_data(data_cfg, recipe, rank=rank, world_size=world_size, seed=seed,
+                                    with_masks=cls.with_masks())
+
+    knobs = staticmethod(retinanet_knobs)
+    levels = RETINANET_LEVELS
+
+    @classmethod
+    def validate_config(cls, cfg, backbone) -> None:
+        """The knobs, the feature levels the neck needs and frozen_stages against this backbone, checked on the
+        meta-device build before anything runs (the builder checks the same again)."""
+        knobs = cls.knobs(cfg)
+        missing = [level for level in cls.levels if level not in available_levels(backbone)]
+        if missing:
+            raise ValueError(f"task={cls.name} needs feature levels {cls.levels} but backbone={backbone.name} gives "
+                             f"{sorted(available_levels(backbone))}: allowed backbones have multi-scale features "
+                             "(ResNet, MobileNet, ShuffleNet, ConvNeXt)")
+        strip_classifier(backbone)  # a throwaway meta-device build; the detector never has the classifier
+        last = max_stage(backbone)
+        if knobs["frozen_stages"] > last:
+            raise ValueError(f"task.frozen_stages={knobs['frozen_stages']}: allowed -1 (nothing), 0 (stem) .. {last} "
+                             f"(every stage of {backbone.name})")
+
+    def build_model(self, backbone: nn.Module) -> nn.Module:
+        return type(self).builder(backbone, self.cfg, self.num_classes, self.data)
+
+    def prepare_batch(self, batch, device, training):
+        images, targets = batch[0], batch[1]
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{key: _plain(value).to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                    for key, value in target.items()} for target in targets]
+        return images, targets
+
+    def forward_loss(self, model, inputs, targets):
+        """torchvision's loss dict (RetinaNet: classification, bbox_regression; Mask R-CNN: loss_objectness,
+        loss_rpn_box_reg, loss_classifier, loss_box_reg, loss_mask), summed with weight 1 as both papers do."""
+        losses = model(inputs, targets)
+        loss = sum(losses.values())
+        return loss, len(inputs), {key: value.detach() for key, value in losses.items()}
+
+    def example_input(self, resolution: int, device="cpu"):
+        """One image, as the detector takes it (a list). Its transform resizes it to `transform.test_size` in
+        eval mode: set that to `resolution` to count MACs at that scale."""
+        return [torch.zeros(3, resolution, resolution, device=device)]
+
+    def result_keys(self) -> list[str]:
+        return [f"{iou_type}_{stat}" for iou_type in self.iou_types for stat in STAT_NAMES]
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, device, autocast, channels_last=False):
+        """COCO AP over the val split (every rank scores its shard; rank 0 runs COCOeval on all of them).
+
+        `channels_last` is not applied: the images are a list of differently sized tensors that the model's
+        transform batches itself.
+        """
+        if self.data is None:
+            raise RuntimeError(f"task {self.name}: evaluation needs the detection data (its val ground truth)")
+        model.eval()
+        evaluator = CocoEvaluator(self.data.val_coco, self.iou_types, self.data.category_ids)
+        count = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in loader:
+            if batch[0] is None:  # every image of the batch was unreadable and skipped
+                continue
+            images, targets = self.prepare_batch(batch, device, training=False)
+            with autocast():
+                outputs = model(images)
+            outputs = [{key: (value.float() if value.is_floating_point() else value).cpu()
+                        for key, value in output.items()} for output in outputs]
+            evaluator.update(outputs, [{"image_id": target["image_id"]} for target in targets])
+            count += len(images)
+        metrics = evaluator.summarize()
+        metrics["samples"] = int(all_reduce_sum(count).item())
+        return metrics
+
+
+@TASKS.register("retinanet")
+class RetinaNetTask(DetectionTask):
+    name = "retinanet"
+    iou_types = ("bbox",)
+    builder = staticmethod(build_retinanet)
+
+
+@TASKS.register("maskrcnn")
+class MaskRCNNTask(DetectionTask):
+    name = "maskrcnn"
+    iou_types = ("bbox", "segm")
+    builder = staticmethod(build_maskrcnn)
+    knobs = staticmethod(maskrcnn_knobs)
+    levels = MASKRCNN_LEVELS
