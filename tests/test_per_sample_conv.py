@@ -295,12 +295,14 @@ def test_measured_once_per_shape_then_cached(measured):
     assert len(measured) == 3 * per_candidate  # folded, bmm and loop (batch 4 <= LOOP_MAX_BATCH)
     (key, entry), = algorithm_choice.choices().items()
     assert entry["algorithm"] in ("folded", "bmm", "loop") and set(entry["ms"]) == {"folded", "bmm", "loop"}
-    assert "per_sample_conv2d" in key and "x4x4x7x7" in key and "infer" in key
+    assert "per_sample_conv2d" in key and "x4x4xpx2^5.5" in key and "infer" in key  # 49 pixels ~ 2^5.5
     torch.testing.assert_close(y, _reference(x, w, b, conv), rtol=0.0, atol=1e-12)
     for _ in range(3):
         per_sample_conv2d(x, w, b, **conv)
     assert len(measured) == 3 * per_candidate  # cached: no more timing
-    per_sample_conv2d(x[:, :, :6, :6], w, b, **conv)  # another input size: another key
+    per_sample_conv2d(torch.randn(4, 4, 8, 6, dtype=x.dtype), w, b, **conv)  # 48 pixels: the same size class
+    assert len(measured) == 3 * per_candidate
+    per_sample_conv2d(x[:, :, :6, :6], w, b, **conv)  # 36 pixels ~ 2^5: another class, another key
     assert len(measured) == 6 * per_candidate and len(algorithm_choice.choices()) == 2
     x2, w2, b2, conv2 = _conv_inputs(groups=2)
     per_sample_conv2d(x2, w2, b2, **conv2)  # grouped: bmm does not apply, two candidates
