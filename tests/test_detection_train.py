@@ -109,3 +109,25 @@ def test_bad_detection_configs_stop_before_anything_is_written(run_train, tmp_pa
     assert completed.returncode == 2, describe(completed)
     assert all(part in completed.stderr for part in expected), describe(completed)
     assert not (tmp_path / "run").exists()
+
+
+def test_profile_reports_the_detector_and_its_backbone():
+    """scripts/profile.py task=retinanet: the detector's counts at the detection scale, and beside them the
+    backbone's classification counts, which are WeightNet Table 5's columns (ShuffleNetV2 0.5x + WeightNet 4x:
+    2.0M / 41M; the static backbone 1.4M / 41M), within the table's rounding."""
+    def profile(*overrides: str) -> dict:
+        done = subprocess.run([sys.executable, "scripts/profile.py", "task=retinanet",
+                               "backbone=shufflenetv2_wn_x0_5", "profile.resolution=128", *overrides],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, describe(done)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    weightnet, static = profile("op=weightnet", "op.lam=4", "op.G=1"), profile("op=static")
+    for counts, (paper_params, paper_macs) in ((weightnet, (2.0e6, 41e6)), (static, (1.4e6, 41e6))):
+        assert abs(counts["backbone_params"] - paper_params) <= 0.05e6, counts
+        assert abs(counts["backbone_macs"] - paper_macs) <= 0.025 * paper_macs, counts
+        assert counts["input_size"] == [3, 128, 128] and counts["num_classes"] == 80
+        assert counts["params"] > counts["backbone_params"] and counts["macs"] > counts["features_macs"] > 0
+    # The detector differs from the static one by exactly what WeightNet adds to the backbone (the classifier
+    # is not part of either detector).
+    assert weightnet["params"] - static["params"] == weightnet["backbone_params"] - static["backbone_params"]
