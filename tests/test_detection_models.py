@@ -310,3 +310,33 @@ def test_copy_and_state_dict_round_trip(op):
             for a, b in zip(expected, other(images)):
                 torch.testing.assert_close(a["boxes"], b["boxes"])
                 torch.testing.assert_close(a["masks"], b["masks"])
+
+
+@pytest.mark.parametrize("op", ["condconv", "kw"])
+def test_init_from_a_classification_checkpoint(op):
+    """`init_from` (training.py: load_backbone_weights, then the detector is built): the backbone's and the
+    operator's parameters (CondConv experts and routing; KW warehouses and attentions, with op.tau=0 and
+    op.init=none as Appendix A.1.2 fine-tunes) come from the classification checkpoint, its classifier is skipped,
+    and the detector then trains."""
+    from dynconv.build import load_backbone_weights
+
+    overrides = {"tau": 0, "init": "none"} if op == "kw" else {}
+    op_cfg = {**load_op_config(op), **OP_SHRINK.get(op, {}), **overrides}
+    torch.manual_seed(1)
+    classifier_net = build_backbone({"name": "resnet18"}, op_cfg, {"name": "none"}, num_classes=1000,
+                                    image_size=64).backbone
+    payload = {"model": classifier_net.state_dict()}
+    torch.manual_seed(2)
+    fresh = build_backbone({"name": "resnet18"}, op_cfg, {"name": "none"}, num_classes=10, image_size=64).backbone
+    skipped = load_backbone_weights(fresh, payload, "imagenet.pt")
+    assert skipped and all(key.startswith("net.fc.") for key in skipped)
+    model = build_maskrcnn(fresh, task_cfg("maskrcnn", frozen_bn=False, frozen_stages=-1), K, DATA)
+    loaded = model.backbone.body.state_dict()
+    expected = classifier_net.state_dict()
+    static_keys = set(build_backbone({"name": "resnet18"}, {"name": "static"}, {"name": "none"}, num_classes=1000,
+                                     image_size=64).backbone.state_dict())
+    assert [key for key in loaded if key not in static_keys], "no operator parameter in the detector's backbone"
+    for key, value in loaded.items():
+        assert torch.equal(value, expected[key]), key
+    losses, changed = train_step(model)
+    assert all(torch.isfinite(v) for v in losses.values()) and changed
