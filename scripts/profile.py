@@ -52,8 +52,10 @@ def main(argv: list[str]) -> int:
 
     from dynconv.tasks import TASKS
 
+    from dynconv.tasks.detection import DetectionTask
+
     task_class = TASKS.get(cfg.task.name)
-    if "coco" in task_class.data_names:
+    if issubclass(task_class, DetectionTask):
         return profile_detection(cfg, task_class)
     resolution = cfg.profile.resolution or cfg.backbone.default_resolution
     built = build_backbone(cfg.backbone, OmegaConf.to_container(cfg.op, resolve=True), cfg.attn,

@@ -129,3 +129,15 @@ def compose_cfg():
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module: on two shared cores, two threads spin-wait on each other and small
+    models run several times slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -49,13 +49,7 @@ UNSUPPORTED = [name for name in BACKBONES.names() if name not in SUPPORTED]
 HEAVY = {"resnet152", "wide_resnet50_2", "resnext50_32x4d"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two intra-op threads on two shared cores spin-wait on each other; one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
 
 
 def _build(backbone: str, attn: str, op: str = "static", image_size: int = 32, num_classes: int = 10, **knobs):

@@ -24,13 +24,7 @@ ALL_OPS = ["static", "condconv", "dyconv", "dynet", "kw", "lwe", "mwe", "odconv"
 INPUT = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two intra-op threads on two shared cores spin-wait on each other; one thread is faster (test_attention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, shared cores
 
 
 def _op(op: str) -> dict:

@@ -45,15 +45,12 @@ DATA = SimpleNamespace(train_sizes=[64], test_size=64, max_size=96, mean=[0.485,
 
 
 @pytest.fixture(autouse=True)
-def small_and_quick():
+def small_and_quick(one_thread):
     """One thread (these convolutions are tiny: with a second thread on a shared 2-core machine the threads
     mostly wait for each other, ten times slower) and the per-sample convolutions' cost model instead of timing
     every new layer shape (detection feeds many shapes once each)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with algorithm_choice.policy("model"):
         yield
-    torch.set_num_threads(threads)
 
 
 def task_cfg(detector: str, **overrides) -> dict:

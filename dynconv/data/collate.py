@@ -13,7 +13,22 @@ from torch.utils.data import default_collate
 
 from dynconv.data.image_folder import CorruptSample
 
-__all__ = ["collate_skip_corrupt"]
+__all__ = ["collate_skip_corrupt", "split_corrupt"]
+
+
+def split_corrupt(batch: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """(the good samples, the paths of the :class:`CorruptSample` markers among them)."""
+    good = []
+    skipped: list[str] = []
+    for sample in batch:
+        if isinstance(sample, CorruptSample):
+            skipped.append(sample.path)
+        elif sample is None:
+            # A plain None comes from some other dataset; no path to report.
+            skipped.append("<unknown>")
+        else:
+            good.append(sample)
+    return good, skipped
 
 
 def collate_skip_corrupt(batch: Sequence[Any]) -> tuple[Any, Any, list[str]]:
@@ -27,16 +42,7 @@ def collate_skip_corrupt(batch: Sequence[Any]) -> tuple[Any, Any, list[str]]:
     * all corrupt: ``(None, None, skipped_paths)``; the caller must skip the
       step (but still log the paths).
     """
-    good = []
-    skipped: list[str] = []
-    for sample in batch:
-        if isinstance(sample, CorruptSample):
-            skipped.append(sample.path)
-        elif sample is None:
-            # A plain None comes from some other dataset; no path to report.
-            skipped.append("<unknown>")
-        else:
-            good.append(sample)
+    good, skipped = split_corrupt(batch)
     if not good:
         return None, None, skipped
     images, targets = default_collate(good)

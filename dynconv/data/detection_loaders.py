@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from dynconv.data.coco import CocoDetectionDataset, annotation_file, coco_subset, validate_coco_root
 from dynconv.data.detection_transforms import build_detection_transforms
 from dynconv.data.grouped_sampler import GroupedBatchSampler
-from dynconv.data.image_folder import CorruptSample
-from dynconv.data.loaders import ignore_stop_signals
+from dynconv.data.collate import split_corrupt
+from dynconv.data.loaders import fixed_subset, worker_options
 from dynconv.data.seeded import EpochSampler, SeededDataset
 from dynconv.data.toy_coco import ensure_toy_coco
 
@@ -60,28 +60,18 @@ def collate_detection(batch: Sequence[Any]) -> tuple[list | None, list | None, l
     their metadata, and plain tensors behave predictably under pin_memory and ``.to(device)``.
     Every sample corrupt -> ``(None, None, skipped_paths)``; the caller skips the step.
     """
-    images, targets, skipped = [], [], []
-    for sample in batch:
-        if isinstance(sample, CorruptSample):
-            skipped.append(sample.path)
-        elif sample is None:
-            skipped.append("<unknown>")
-        else:
-            image, target = sample
-            images.append(image.as_subclass(torch.Tensor))
-            targets.append({key: value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
-                            for key, value in target.items()})
-    if not images:
+    good, skipped = split_corrupt(batch)
+    if not good:
         return None, None, skipped
+    images = [image.as_subclass(torch.Tensor) for image, _ in good]
+    targets = [{key: value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
+                for key, value in target.items()} for _, target in good]
     return images, targets, skipped
 
 
 def _limit_ids(ids: list[int], max_samples) -> list[int]:
-    """A fixed random subset, chosen exactly like loaders._limit (depends on the size only, not the seed)."""
-    if max_samples is None or int(max_samples) >= len(ids):
-        return ids
-    chosen = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[: int(max_samples)]
-    return [ids[i] for i in sorted(chosen.tolist())]
+    chosen = fixed_subset(len(ids), max_samples)
+    return ids if chosen is None else [ids[i] for i in chosen]
 
 
 def _resolve_root(data_cfg: Mapping[str, Any]) -> Path:
@@ -170,16 +160,7 @@ def build_detection_data(
     val_image_ids = sorted(val_set.ids)
     val_coco = val_set.coco if len(val_image_ids) == len(val_set.coco.imgs) else coco_subset(val_set.coco,
                                                                                             val_image_ids)
-    num_workers = int(data_cfg.get("num_workers", 0) or 0)
-    if pin_memory is None:
-        pin_memory = bool(data_cfg.get("pin_memory", False))
-    common: dict[str, Any] = dict(
-        num_workers=num_workers,
-        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
-        persistent_workers=bool(data_cfg.get("persistent_workers", False)) and num_workers > 0,
-        collate_fn=collate_detection,
-        worker_init_fn=ignore_stop_signals,
-    )
+    common: dict[str, Any] = dict(collate_fn=collate_detection, **worker_options(data_cfg, pin_memory))
     train_sampler = GroupedBatchSampler(train_set.group_ids(), int(recipe_cfg.get("batch_size")), seed=seed,
                                         rank=rank, world_size=world_size)
     val_sampler = EpochSampler(len(val_set), shuffle=False, seed=seed, rank=rank, world_size=world_size,

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dynconv.data.write_once import MARKER, read_marker, write_tree_once
+
 __all__ = ["ensure_digits_imagefolder", "DIGITS_TRAIN_COUNT", "DIGITS_VAL_COUNT"]
 
 DIGITS_TRAIN_COUNT = 1437
 DIGITS_VAL_COUNT = 360
-_MARKER = ".complete"
 # Bump when the on-disk format changes so stale trees are detected, not reused.
 _FORMAT_VERSION = 1
 
@@ -39,12 +38,6 @@ def _expected_marker(image_size: int) -> dict:
         "val": DIGITS_VAL_COUNT,
     }
 
-
-def _read_marker(root: Path) -> dict | None:
-    try:
-        return json.loads((root / _MARKER).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _to_rgb_image(pixels: np.ndarray, image_size: int) -> Image.Image:
@@ -77,12 +70,12 @@ def _write_tree(target: Path, image_size: int) -> None:
             img.save(target / split / str(cls) / f"{int(idx)}.png", format="PNG")
     # The marker is written last, inside the temporary tree, so its presence
     # after the rename proves the whole tree is there.
-    (target / _MARKER).write_text(json.dumps(_expected_marker(image_size), sort_keys=True))
+    (target / MARKER).write_text(json.dumps(_expected_marker(image_size), sort_keys=True))
 
 
 def _check_existing(root: Path, image_size: int) -> bool:
     """True if ``root`` holds a complete tree of this size; raise if it holds something else."""
-    marker = _read_marker(root)
+    marker = read_marker(root)
     if marker is None:
         return False
     if marker != _expected_marker(image_size):
@@ -103,31 +96,5 @@ def ensure_digits_imagefolder(root: str | os.PathLike, image_size: int = 32) -> 
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     root = Path(root).expanduser().absolute()
-    if _check_existing(root, image_size):
-        return root
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Sibling of root => same filesystem, so os.rename is atomic.
-    # Not tempfile.mkdtemp: that makes the directory private (0700), and the
-    # renamed tree should have the permissions of any directory the user creates.
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_tree(tmp, image_size)
-        try:
-            # Succeeds if root is absent or an empty directory (e.g. pre-created
-            # by a launcher); fails if another process already renamed its tree.
-            os.rename(tmp, root)
-        except OSError:
-            if _check_existing(root, image_size):
-                return root  # another process won the race; ours is discarded below
-            if root.exists():
-                raise FileExistsError(
-                    f"Cannot write the digits dataset to {root}: the directory exists, "
-                    f"is not empty and has no {_MARKER} marker. Delete it or choose another root."
-                ) from None
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return write_tree_once(root, "digits", lambda target: _write_tree(target, image_size),
+                           lambda path: _check_existing(path, image_size))

@@ -63,43 +63,50 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _limit(dataset, max_samples):
-    """A fixed random subset of at most `max_samples` (for smoke tests and debugging runs).
+def fixed_subset(size: int, max_samples) -> list[int] | None:
+    """Sorted indices of a fixed random subset of at most `max_samples` of `size` items (for smoke tests and
+    debugging runs), or None when everything is kept.
 
-    The subset depends only on the dataset size, not on the run's seed, so runs that differ in seed
-    still see the same images.
+    The subset depends only on the size, not on the run's seed, so runs that differ in seed still see the
+    same images.
     """
-    if max_samples is None or int(max_samples) >= len(dataset):
-        return dataset
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[: int(max_samples)]
-    return Subset(dataset, sorted(chosen.tolist()))
+    if max_samples is None or int(max_samples) >= size:
+        return None
+    chosen = torch.randperm(size, generator=torch.Generator().manual_seed(0))[: int(max_samples)]
+    return sorted(chosen.tolist())
 
 
-def _loader(
-    dataset,
-    sampler: EpochSampler,
-    *,
-    batch_size: int,
-    drop_last: bool,
-    num_workers: int,
-    pin_memory: bool,
-    persistent_workers: bool,
-    seed: int,
-) -> DataLoader:
+def _limit(dataset, max_samples):
+    chosen = fixed_subset(len(dataset), max_samples)
+    return dataset if chosen is None else Subset(dataset, chosen)
+
+
+def worker_options(data_cfg: Mapping[str, Any], pin_memory: bool | None) -> dict[str, Any]:
+    """The DataLoader's worker settings from the data config (`pin_memory=None`: the config's)."""
+    num_workers = int(data_cfg.get("num_workers", 0) or 0)
+    if pin_memory is None:
+        pin_memory = bool(data_cfg.get("pin_memory", False))
+    return dict(
+        num_workers=num_workers,
+        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
+        persistent_workers=bool(data_cfg.get("persistent_workers", False)) and num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
+    )
+
+
+def _loader(dataset, sampler: EpochSampler, *, batch_size: int, drop_last: bool, seed: int,
+            **workers: Any) -> DataLoader:
     return DataLoader(
         SeededDataset(dataset),
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
         drop_last=drop_last,
-        persistent_workers=persistent_workers,
         collate_fn=collate_skip_corrupt,
-        worker_init_fn=ignore_stop_signals,
         # A private generator: DataLoader draws a base seed from it each epoch,
         # which would otherwise advance the global torch RNG.  Augmentation
         # randomness comes from the per-sample seeds, not from this.
         generator=torch.Generator().manual_seed(seed),
+        **workers,
     )
 
 
@@ -146,15 +153,7 @@ def build_classification_data(
     train_set = _limit(train_set, data_cfg.get("max_train_samples"))
     val_set = _limit(val_set, data_cfg.get("max_val_samples"))
 
-    num_workers = int(data_cfg.get("num_workers", 0) or 0)
-    if pin_memory is None:
-        pin_memory = bool(data_cfg.get("pin_memory", False))
-    common: dict[str, Any] = dict(
-        num_workers=num_workers,
-        pin_memory=bool(pin_memory) and torch.cuda.is_available(),
-        persistent_workers=bool(data_cfg.get("persistent_workers", False)) and num_workers > 0,
-        seed=seed,
-    )
+    common: dict[str, Any] = dict(seed=seed, **worker_options(data_cfg, pin_memory))
     batch_size = int(recipe_cfg.get("batch_size"))
     eval_batch_size = int(recipe_cfg.get("eval_batch_size") or 2 * batch_size)
     drop_last = bool(recipe_cfg.get("drop_last", True))

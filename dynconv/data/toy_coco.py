@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -27,13 +25,14 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from dynconv.data.write_once import MARKER, read_marker, write_tree_once
+
 __all__ = ["ensure_toy_coco", "toy_coco_counts", "TOY_CATEGORIES", "TOY_TRAIN_IMAGES", "TOY_VAL_IMAGES"]
 
 TOY_CATEGORIES = ((1, "circle"), (3, "square"), (7, "triangle"))
 TOY_TRAIN_IMAGES = 320
 TOY_VAL_IMAGES = 80
 _SPLITS = (("train2017", TOY_TRAIN_IMAGES), ("val2017", TOY_VAL_IMAGES))
-_MARKER = ".complete"
 # Bump when the on-disk content changes so stale trees are detected, not reused.
 _FORMAT_VERSION = 1
 _SEED = 20240607
@@ -51,12 +50,6 @@ def _expected_marker() -> dict:
         "val2017_images": TOY_VAL_IMAGES,
     }
 
-
-def _read_marker(root: Path) -> dict | None:
-    try:
-        return json.loads((root / _MARKER).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _polygon(kind: str, x: int, y: int, size: int, rng: np.random.Generator) -> list[float]:
@@ -153,13 +146,13 @@ def _write_tree(target: Path) -> dict:
         (target / "annotations" / f"instances_{split}.json").write_text(json.dumps(payload))
         marker[f"{split}_annotations"] = len(annotations)
     # Last, inside the temporary tree: its presence after the rename proves the whole tree is there.
-    (target / _MARKER).write_text(json.dumps(marker, sort_keys=True))
+    (target / MARKER).write_text(json.dumps(marker, sort_keys=True))
     return marker
 
 
 def _check_existing(root: Path) -> bool:
     """True if ``root`` holds a complete toy tree of this format; raise if it holds another one."""
-    marker = _read_marker(root)
+    marker = read_marker(root)
     if marker is None:
         return False
     expected = _expected_marker()
@@ -173,7 +166,7 @@ def _check_existing(root: Path) -> bool:
 
 def toy_coco_counts(root: str | os.PathLike) -> dict:
     """The marker of a written tree: images and annotations per split, categories."""
-    return _read_marker(Path(root)) or {}
+    return read_marker(Path(root)) or {}
 
 
 def ensure_toy_coco(root: str | os.PathLike) -> Path:
@@ -182,27 +175,4 @@ def ensure_toy_coco(root: str | os.PathLike) -> Path:
     Cheap when it exists (only the marker is read); safe under concurrent callers (DDP ranks).
     """
     root = Path(root).expanduser().absolute()
-    if _check_existing(root):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Sibling of root => same filesystem, so os.rename is atomic (and not mkdtemp's private 0700).
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_tree(tmp)
-        try:
-            # Succeeds if root is absent or an empty directory; fails if another process renamed first.
-            os.rename(tmp, root)
-        except OSError:
-            if _check_existing(root):
-                return root  # another process won the race; ours is discarded below
-            if root.exists():
-                raise FileExistsError(
-                    f"Cannot write the toy_coco dataset to {root}: the directory exists, is not empty and "
-                    f"has no {_MARKER} marker. Delete it or choose another root."
-                ) from None
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return write_tree_once(root, "toy_coco", _write_tree, _check_existing)

@@ -133,13 +133,17 @@ def maskrcnn_knobs(cfg: Mapping) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- builders
+def check_frozen_stages(backbone: Backbone, frozen_stages: int) -> None:
+    """`task.frozen_stages` must name a stage this backbone has (its classifier already removed)."""
+    last = max_stage(backbone)
+    if frozen_stages > last:
+        raise _fail("frozen_stages", frozen_stages, f"-1 (nothing), 0 (stem) .. {last} (every stage of {backbone.name})")
+
+
 def _neck(backbone: Backbone, levels: list[str], knobs: dict[str, Any], extra: str) -> BackboneWithFPN:
     """FPN over the backbone, then the freezing options (validated against this backbone's stages)."""
     neck = BackboneWithFPN(backbone, levels, knobs["fpn_channels"], extra)
-    last = max_stage(backbone)
-    if knobs["frozen_stages"] > last:
-        raise _fail("frozen_stages", knobs["frozen_stages"],
-                    f"-1 (nothing), 0 (stem) .. {last} (every stage of {backbone.name})")
+    check_frozen_stages(backbone, knobs["frozen_stages"])
     log.info("detection backbone %s: %s", backbone.name,
              apply_freezing(backbone, knobs["frozen_bn"], knobs["frozen_stages"]))
     return neck
@@ -197,11 +201,3 @@ def build_maskrcnn(backbone: Backbone, cfg: Mapping, num_classes: int, data=None
     )
     model.transform = transform_from(data)
     return model
-
-
-DETECTORS = {"retinanet": build_retinanet, "maskrcnn": build_maskrcnn}
-
-
-def detection_backbone(model: nn.Module) -> Backbone:
-    """The dynconv Backbone inside a detector built here (for profiling it alone)."""
-    return model.backbone.body

@@ -45,6 +45,17 @@ def available_levels(backbone: Backbone) -> dict[str, int]:
             for stride, channels in zip(backbone.feature_strides, backbone.feature_channels)}
 
 
+def require_levels(backbone: Backbone, in_levels: list[str]) -> dict[str, int]:
+    """`available_levels`, or a ValueError naming the backbone, its levels and the missing ones."""
+    levels = available_levels(backbone)
+    missing = [level for level in in_levels if level not in levels]
+    if missing:
+        raise ValueError(f"backbone {backbone.name} gives feature levels {sorted(levels) or 'none'}; the "
+                         f"detection neck needs {list(in_levels)} (missing {missing}): use a backbone with "
+                         "multi-scale features (ResNet, MobileNet, ShuffleNet, ConvNeXt)")
+    return levels
+
+
 def strip_classifier(backbone: Backbone) -> list[str]:
     """Replace the classifier (the modules the backbone's rules place with role "classifier") by nn.Identity.
 
@@ -120,12 +131,7 @@ class BackboneWithFPN(nn.Module):
 
     def __init__(self, backbone: Backbone, in_levels: list[str], out_channels: int, extra: str = "none"):
         super().__init__()
-        levels = available_levels(backbone)
-        missing = [level for level in in_levels if level not in levels]
-        if missing:
-            raise ValueError(f"backbone {backbone.name} gives feature levels {sorted(levels) or 'none'}; the "
-                             f"detection neck needs {list(in_levels)} (missing {missing}): use a backbone with "
-                             "multi-scale features (ResNet, MobileNet, ShuffleNet, ConvNeXt)")
+        levels = require_levels(backbone, in_levels)
         numbers = [int(level[1:]) for level in in_levels]
         if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
             raise ValueError(f"in_levels must be consecutive, got {list(in_levels)}")

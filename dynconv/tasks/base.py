@@ -59,9 +59,5 @@ class Task:
         """The metrics that train.py's and eval.py's final JSON line carry."""
         return [self.primary_metric]
 
-    def example_input(self, resolution: int, device: torch.device | str = "cpu"):
-        """What the model takes for one image (MAC counting)."""
-        return torch.zeros(1, 3, resolution, resolution, device=device)
-
 
 TASKS: Registry[type[Task]] = Registry("task", "task.name")

@@ -11,23 +11,18 @@ import torch
 import torch.nn as nn
 
 from dynconv.detection.coco_eval import STAT_NAMES, CocoEvaluator
-from dynconv.detection.freeze import max_stage
 from dynconv.detection.models import (
     MASKRCNN_LEVELS,
     RETINANET_LEVELS,
     build_maskrcnn,
     build_retinanet,
+    check_frozen_stages,
     maskrcnn_knobs,
     retinanet_knobs,
 )
-from dynconv.detection.neck import available_levels, strip_classifier
+from dynconv.detection.neck import require_levels, strip_classifier
 from dynconv.engine.distributed import all_reduce_sum
 from dynconv.tasks.base import TASKS, Task
-
-
-def _plain(value):
-    """tv_tensors (BoundingBoxes, Mask) -> plain tensors: torchvision's detectors index and rebuild them."""
-    return value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
 
 
 class DetectionTask(Task):
@@ -62,18 +57,11 @@ class DetectionTask(Task):
     @classmethod
     def validate_config(cls, cfg, backbone) -> None:
         """The knobs, the feature levels the neck needs and frozen_stages against this backbone, checked on the
-        meta-device build before anything runs (the builder checks the same again)."""
+        meta-device build before anything runs, by the same checks the builder makes."""
         knobs = cls.knobs(cfg)
-        missing = [level for level in cls.levels if level not in available_levels(backbone)]
-        if missing:
-            raise ValueError(f"task={cls.name} needs feature levels {cls.levels} but backbone={backbone.name} gives "
-                             f"{sorted(available_levels(backbone))}: allowed backbones have multi-scale features "
-                             "(ResNet, MobileNet, ShuffleNet, ConvNeXt)")
+        require_levels(backbone, cls.levels)
         strip_classifier(backbone)  # a throwaway meta-device build; the detector never has the classifier
-        last = max_stage(backbone)
-        if knobs["frozen_stages"] > last:
-            raise ValueError(f"task.frozen_stages={knobs['frozen_stages']}: allowed -1 (nothing), 0 (stem) .. {last} "
-                             f"(every stage of {backbone.name})")
+        check_frozen_stages(backbone, knobs["frozen_stages"])
 
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return type(self).builder(backbone, self.cfg, self.num_classes, self.data)
@@ -81,7 +69,8 @@ class DetectionTask(Task):
     def prepare_batch(self, batch, device, training):
         images, targets = batch[0], batch[1]
         images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{key: _plain(value).to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        # collate_detection already unwrapped the tv_tensors (torchvision's detectors index and rebuild them).
+        targets = [{key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
                     for key, value in target.items()} for target in targets]
         return images, targets
 
@@ -91,11 +80,6 @@ class DetectionTask(Task):
         losses = model(inputs, targets)
         loss = sum(losses.values())
         return loss, len(inputs), {key: value.detach() for key, value in losses.items()}
-
-    def example_input(self, resolution: int, device="cpu"):
-        """One image, as the detector takes it (a list). Its transform resizes it to `transform.test_size` in
-        eval mode: set that to `resolution` to count MACs at that scale."""
-        return [torch.zeros(3, resolution, resolution, device=device)]
 
     def result_keys(self) -> list[str]:
         return [f"{iou_type}_{stat}" for iou_type in self.iou_types for stat in STAT_NAMES]
