@@ -24,7 +24,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from dynconv.evaluation import evaluate_checkpoint
+    from dynconv.engine.evaluation_run import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(cfg)

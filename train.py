@@ -52,7 +52,7 @@ def _remove_if_empty(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from dynconv.training import run_training
+    from dynconv.engine.training_run import run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

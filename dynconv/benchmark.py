@@ -46,32 +46,26 @@ def validate_bench_config(bench: Mapping[str, Any]) -> None:
     Raises ConfigError naming the key and the allowed values, as every other config check does.
     """
     from dynconv.config import ConfigError
+    from dynconv.knobs import Knobs
 
+    knobs = Knobs(bench, "bench", error=ConfigError)
     for key, minimum in BENCH_MINIMUMS.items():
-        value = bench.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"bench.{key}={value!r} is invalid; allowed values: integers >= {minimum}")
-    device = bench.get("device")
-    if device not in BENCH_DEVICES:
-        raise ConfigError(f"bench.device={device!r} is invalid; allowed values: {', '.join(BENCH_DEVICES)}")
+        knobs.integer(key, low=minimum)
+    device = knobs.choice("device", BENCH_DEVICES)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench.device='cuda' but no CUDA device is available; allowed values here: auto, cpu")
-    if not isinstance(bench.get("layers"), bool):
-        raise ConfigError(f"bench.layers={bench.get('layers')!r} is invalid; allowed values: true, false")
+    knobs.flag("layers")
     layer = bench.get("layer")
     if layer is not None and not isinstance(layer, str):
-        raise ConfigError(f"bench.layer={layer!r} is invalid; allowed values: null or an fnmatch pattern "
-                          "of converted layer names")
-    mode = bench.get("mode", "full")
-    if mode not in BENCH_MODES:
-        raise ConfigError(f"bench.mode={mode!r} is invalid; allowed values: {', '.join(BENCH_MODES)}")
+        raise knobs.fail("layer", layer, "null or an fnmatch pattern of converted layer names")
+    knobs.choice("mode", tuple(BENCH_MODES), default="full")
     baseline = bench.get("baseline")
     if baseline is not None:
         from dynconv.backbones import BACKBONES
 
         if not isinstance(baseline, str) or baseline not in BACKBONES:
-            raise ConfigError(f"bench.baseline={baseline!r} is invalid; allowed values: null (the same backbone) or "
-                              f"a backbone name: {', '.join(BACKBONES.names())}")
+            raise knobs.fail("baseline", baseline, f"null (the same backbone) or a backbone name: "
+                             f"{', '.join(BACKBONES.names())}")
         if bench.get("layers") or layer is not None:
             raise ConfigError(f"bench.baseline={baseline!r} cannot be combined with bench.layers/bench.layer (layers "
                               "are compared by name with the same backbone); allowed values here: null")

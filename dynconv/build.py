@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from dynconv.attention import ATTENTIONS
 from dynconv.backbones import BACKBONES, Backbone
-from dynconv.convert import convert, summarize
+from dynconv.conversion.convert import convert, summarize
 from dynconv.ops import OPERATORS, Decision, Operator
 
 
@@ -55,7 +55,7 @@ def build_backbone(
 
 def _classifier_prefixes(backbone: Backbone) -> list[str]:
     """State-dict prefixes of the classifier (its layer and, once converted, the modules inside it)."""
-    from dynconv.convert import describe_layers
+    from dynconv.conversion.convert import describe_layers
 
     names = []
     for name, module in backbone.net.named_modules():

@@ -14,9 +14,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from dynconv.knobs import Knobs
 from dynconv.registry import Registry, UnknownNameError
 
-DATASETS = ("digits", "imagefolder", "imagenet", "cifar100", "coco", "toy_coco")
 SCHEDULES = ("cosine", "step", "multistep", "linear", "none")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -62,18 +62,10 @@ def _check_name(cfg: DictConfig, key: str, registry: Registry) -> None:
         raise ConfigError(str(error)) from None
 
 
-def _check_choice(cfg: DictConfig, key: str, allowed) -> Any:
-    value = _get(cfg, key)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is invalid; allowed values: {', '.join(map(str, allowed))}")
-    return value
-
-
-def _check_positive_int(cfg: DictConfig, key: str) -> int:
-    value = _get(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key}={value!r} is invalid; allowed values: integers >= 1")
-    return value
+def _knobs(cfg: DictConfig, *keys: str) -> Knobs:
+    """Top-level keys read through the one validator (errors: "<key>=<value> is invalid; allowed values: ...");
+    a missing mandatory value (???) says so first."""
+    return Knobs({key: _get(cfg, key) for key in keys}, error=ConfigError)
 
 
 def validate_model_config(cfg: DictConfig) -> None:
@@ -110,55 +102,35 @@ def validate_model_config(cfg: DictConfig) -> None:
 
 
 def validate_data_config(cfg: DictConfig) -> None:
-    from dynconv.data import validate_imagefolder_root
-    from dynconv.data.cifar import CIFAR100_LAYOUT, locate_cifar100
+    """data.name names a registered dataset that fits the task, and its files are where the config says."""
+    from dynconv.data import DATASETS
+    from dynconv.tasks import TASKS  # importing the tasks registers their datasets
 
-    from dynconv.tasks import TASKS
-
-    name = _check_choice(cfg, "data.name", DATASETS)
+    _check_name(cfg, "data.name", DATASETS)
+    spec = DATASETS.get(_get(cfg, "data.name"))
     task_name = _get(cfg, "task.name")
-    fitting = TASKS.get(task_name).data_names if task_name in TASKS.names() else DATASETS
-    if name not in fitting:
-        raise ConfigError(f"data={name} does not fit task={task_name}; allowed data for this task: {', '.join(fitting)}")
-    if name in ("digits", "toy_coco"):
-        return  # embedded datasets, written on first use
-    if name == "coco":
-        from dynconv.data.coco import validate_coco_root
-
-        root = _get(cfg, "data.root")
-        if root in (None, ""):
-            raise ConfigError("data.root is not set: pass data.root=DIR or set COCO_DIR "
-                              "(DIR/annotations/instances_{train,val}2017.json, DIR/train2017/, DIR/val2017/)")
-        try:
-            validate_coco_root(root)
-        except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-            raise ConfigError(f"data.root={root!r}: {error}") from None
-        return
-    root = _get(cfg, "data.root")
-    if root in (None, "") and name == "cifar100":
-        raise ConfigError(f"data.root is not set: pass data.root=DIR or set CIFAR100_DIR ({CIFAR100_LAYOUT})")
-    if root in (None, ""):
-        hint = " or set IMAGENET_DIR" if name == "imagenet" else ""
-        raise ConfigError(f"data.root is not set: pass data.root=DIR{hint} (DIR/train/<class>/*, DIR/val/<class>/*)")
-    try:
-        if name == "cifar100":
-            locate_cifar100(root)
-        else:
-            validate_imagefolder_root(root)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-        raise ConfigError(f"data.root={root!r}: {error}") from None
+    if task_name in TASKS:
+        fitting = TASKS.get(task_name).data_names()
+        if spec.name not in fitting:
+            raise ConfigError(f"data={spec.name} does not fit task={task_name}; allowed data for this task: "
+                              f"{', '.join(fitting)}")
+    if not spec.embedded:
+        _get(cfg, "data.root")  # a mandatory value left unset (???) says so first
+        spec.check(cfg.data)
 
 
 def validate_recipe_config(cfg: DictConfig) -> None:
     import timm.optim
 
-    _check_positive_int(cfg, "recipe.epochs")
-    _check_positive_int(cfg, "recipe.batch_size")
-    _check_choice(cfg, "recipe.sched", SCHEDULES)
-    _check_choice(cfg, "recipe.opt", timm.optim.list_optimizers())
-    amp = _check_choice(cfg, "recipe.amp", AMP_MODES)
-    device = _check_choice(cfg, "device", DEVICES)
     import torch
+
+    knobs = _knobs(cfg, "recipe.epochs", "recipe.batch_size", "recipe.sched", "recipe.opt", "recipe.amp", "device")
+    knobs.integer("recipe.epochs")
+    knobs.integer("recipe.batch_size")
+    knobs.choice("recipe.sched", SCHEDULES)
+    knobs.choice("recipe.opt", timm.optim.list_optimizers())
+    amp = knobs.choice("recipe.amp", AMP_MODES)
+    device = knobs.choice("device", DEVICES)
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; allowed here: auto, cpu")
@@ -168,6 +140,10 @@ def validate_recipe_config(cfg: DictConfig) -> None:
     if _get(cfg, "recipe.sync_bn") and not on_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("recipe.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm runs on GPU modules only); "
                           "allowed on CPU: false")
+    if OmegaConf.select(cfg, "conv_algorithm") is not None:
+        from dynconv.functional.selector import POLICIES
+
+        _knobs(cfg, "conv_algorithm").choice("conv_algorithm", POLICIES)
     resume = _get(cfg, "resume")
     if resume not in ("auto", "never") and not Path(str(resume)).is_file():
         raise ConfigError(f"resume={resume!r}: no such checkpoint file; allowed values: auto, never, a checkpoint path")

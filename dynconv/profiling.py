@@ -3,8 +3,8 @@
 MACs come from `torch.utils.flop_counter` (FLOPs / 2) over one image at the backbone's default resolution:
 convolutions, matmuls and linear layers, i.e. the convolutions plus every attention or kernel-generation
 branch of a dynamic operator (norms, activations and pooling are not counted, as in the papers). Dynamic
-layers run in `canonical_cost_mode`, the papers' formulation (mix the kernel, convolve once), so the count
-does not depend on which algorithm a shape would select at training time.
+layers run under `selector.counting_macs()`, i.e. in the papers' formulation (mix the kernel, convolve once),
+so the count depends neither on which algorithm a shape would select at training time nor on the policy.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconv.ops.per_sample_conv import canonical_cost_mode
+from dynconv.functional.selector import counting_macs
 
 
 def count_params(model: nn.Module) -> int:
@@ -59,7 +60,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int], depth: int = 
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False, depth=depth)
     try:
-        with torch.no_grad(), canonical_cost_mode(), counter:
+        with torch.no_grad(), counting_macs(), counter:
             model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
@@ -69,3 +70,50 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int], depth: int = 
             # "Backbone.net.layer1" -> "layer1": names as the user sees them in the state_dict.
             by_module[module_name.split(".", 2)[-1]] += sum(ops.values()) // 2
     return MacCount(counter.get_total_flops() // 2, dict(by_module))
+
+
+def profile_backbone(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """scripts/profile.py for a classification backbone x op x attn at `profile.resolution` (default: the
+    backbone's own): (readable text, the JSON record). `*_inference` counts are taken after
+    `fold_for_inference` (training-only reparameterisations such as Weight Excitation folded away)."""
+    from omegaconf import OmegaConf
+
+    from dynconv.build import build_backbone
+
+    resolution = cfg.profile.resolution or cfg.backbone.default_resolution
+    built = build_backbone(cfg.backbone, OmegaConf.to_container(cfg.op, resolve=True), cfg.attn,
+                           num_classes=cfg.profile.num_classes, image_size=resolution)
+    model = built.backbone
+    input_size = (3, resolution, resolution)
+    params = count_params(model)
+    folded = fold_for_inference(model)
+    params_inference = count_params(folded)
+    macs = count_macs(model, input_size)
+    macs_inference = count_macs(folded, input_size).total
+
+    lines = [built.summary()]
+    if cfg.profile.layers:
+        for decision in built.decisions:
+            state = "converted" if decision.converted else f"static: {decision.reason}"
+            lines.append(f"  {decision.layer.name:40s} {decision.layer.shape_str():45s} {state}")
+    lines += [
+        f"input            {input_size}",
+        f"params           {params:>15,}  ({params / 1e6:.2f}M)",
+        f"params_inference {params_inference:>15,}  ({params_inference / 1e6:.2f}M)",
+        f"MACs             {macs.total:>15,}  ({macs.total / 1e9:.3f}G)",
+        f"MACs_inference   {macs_inference:>15,}  ({macs_inference / 1e9:.3f}G)",
+    ]
+    for name, count in sorted(macs.by_module.items(), key=lambda item: -item[1])[:8]:
+        lines.append(f"  {name:30s} {count / 1e6:10.2f}M MACs")
+    record = {
+        "params": params,
+        "params_inference": params_inference,
+        "macs": macs.total,
+        "macs_inference": macs_inference,
+        "input_size": list(input_size),
+        "backbone": cfg.backbone.name,
+        "op": built.operator.describe(),
+        "attn": cfg.attn.name,
+        "converted_layers": sum(d.converted for d in built.decisions),
+    }
+    return "\n".join(lines), record

@@ -42,8 +42,24 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def items(self) -> list[tuple[str, T]]:
+        """(name, entry) in registration order."""
+        return list(self._entries.items())
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_submodules(package: str) -> None:
+    """Import every module and subpackage of `package` (not starting with "_"), so that everything in it
+    that registers itself on import is registered: adding a file is enough to add an operator, a backbone, an
+    add-on or a task."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

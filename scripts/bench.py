@@ -18,7 +18,7 @@ median over `bench.repeats` repeats of the mean over `bench.steps` iterations. M
 `bench.baseline=<backbone>` compares against that backbone with op=static instead of the model's own backbone:
 DyNet's Table 2 times Dy-mobile against MobileNetV2(1.0), Dy-ResNet18/50 against ResNet18/50.
 
-Dynamic layers pick their per-sample convolution algorithm per layer shape (`dynconv.ops.algorithm_choice`):
+Dynamic layers pick their per-sample convolution algorithm per layer shape (`dynconv.functional.selector`):
 by default the first call of each shape times the candidates, which the warmup absorbs (with bench.warmup=0
 the first repeat pays it). DYNCONV_CONV_ALGORITHM=model (the fixed cost model) or an algorithm name forces a
 choice instead, e.g. to time one algorithm against another.
@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dynconv.cli import compose_or_exit, drop_scripts_dir_from_path  # noqa: E402
+from dynconv.compose import compose_or_exit, drop_scripts_dir_from_path  # noqa: E402
 
 drop_scripts_dir_from_path(__file__)
 
@@ -54,8 +54,14 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def config(argv: list[str]):
+    """The composed, validated config of these command-line arguments (exit 2 on a bad one); nothing runs.
+    tests/test_docs_commands.py composes every documented command of this script through it."""
+    return compose_or_exit("bench", argv, validate="model")
+
+
 def main(argv: list[str]) -> int:
-    cfg = compose_or_exit("bench", argv, validate="model")
+    cfg = config(argv)
     bench = cfg.bench
     from dynconv import benchmark as bm
     from dynconv.config import ConfigError
@@ -187,10 +193,10 @@ def main(argv: list[str]) -> int:
         result["layers"] = layer_rows
     # What the per-sample convolution cache picked for each layer shape (and each candidate's measured ms):
     # explains a ratio, and shows whether a forced DYNCONV_CONV_ALGORITHM was in effect.
-    from dynconv.ops import algorithm_choice
+    from dynconv.functional import selector
 
-    result["conv_algorithm_policy"] = algorithm_choice.get_policy()
-    result["conv_algorithms"] = algorithm_choice.choices()
+    result["conv_algorithm_policy"] = selector.get_policy()
+    result["conv_algorithms"] = selector.choices()
     print(json.dumps(result))
     return 0
 

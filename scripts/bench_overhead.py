@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dynconv.cli import compose_or_exit, drop_scripts_dir_from_path  # noqa: E402
+from dynconv.compose import compose_or_exit, drop_scripts_dir_from_path  # noqa: E402
 
 drop_scripts_dir_from_path(__file__)
 
@@ -59,13 +59,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def config(argv: list[str]):
+    """The composed, validated config of these command-line arguments (exit 2 on a bad one); nothing runs.
+    tests/test_docs_commands.py composes every documented command of this script through it."""
+    return compose_or_exit("train", _merge_args(argv), validate="model")
+
+
 def main(argv: list[str]) -> int:
-    cfg = compose_or_exit("train", _merge_args(argv), validate="model")
+    cfg = config(argv)
     from dynconv.build import build_backbone
     from dynconv.engine.distributed import DistInfo
     from dynconv.engine.trainer import Trainer
     from dynconv.tasks import TASKS
-    from dynconv.training import build_optimizer_and_scheduler, default_hooks
+    from dynconv.engine.training_run import build_optimizer_and_scheduler, default_hooks
 
     bench = cfg.bench
     torch.manual_seed(0)

@@ -5,7 +5,7 @@
 
 The model is rebuilt from the config stored in the checkpoint, exactly as eval.py does (same keys: weights,
 device, data.*, recipe.eval_batch_size), and the validation split is run through it in eval mode with
-`dynconv.ops.kw.statistics.AttentionRecorder` hooked on every KernelWarehouse layer. Writes `<out>.pt`
+`dynconv.analysis.kw_attention.AttentionRecorder` hooked on every KernelWarehouse layer. Writes `<out>.pt`
 ({"warehouses": {key: {"alpha": (m_t, n) mean alpha, "layers": [...]}}, "metadata": {...}}) and `<out>.json`
 (the summary), then prints, as the last stdout line, one JSON object: {"output": "<out>.pt", "warehouses":
 {key: {"mixtures": m_t, "cells": n, "diagonal_fraction": ...}}, "images": N, "top1": ..., "checkpoint": ...}.
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dynconv.cli import compose_or_exit, drop_scripts_dir_from_path  # noqa: E402
+from dynconv.compose import compose_or_exit, drop_scripts_dir_from_path  # noqa: E402
 
 drop_scripts_dir_from_path(__file__)
 
@@ -36,8 +36,8 @@ def output_path(out: str) -> Path:
 
 
 def export(cfg: DictConfig) -> dict:
-    from dynconv.evaluation import load_for_evaluation
-    from dynconv.ops.kw.statistics import AttentionRecorder, kw_layers, save_attention_stats, summarize
+    from dynconv.engine.evaluation_run import load_for_evaluation
+    from dynconv.analysis.kw_attention import AttentionRecorder, kw_layers, save_attention_stats, summarize
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint is required: checkpoint=outputs/<run>/checkpoints/best.pt")
@@ -71,8 +71,14 @@ def export(cfg: DictConfig) -> dict:
             "top1": metrics["top1"], "checkpoint": str(cfg.checkpoint)}
 
 
+def config(argv: list[str]):
+    """The composed, validated config of these command-line arguments (exit 2 on a bad one); nothing runs.
+    tests/test_docs_commands.py composes every documented command of this script through it."""
+    return compose_or_exit("kw_attention", argv, validate="none")
+
+
 def main(argv: list[str]) -> int:
-    cfg = compose_or_exit("kw_attention", argv, validate="none")
+    cfg = config(argv)
     from dynconv.engine.checkpoint import CorruptCheckpointError
     from dynconv.engine.distributed import cleanup_distributed
 

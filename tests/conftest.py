@@ -37,14 +37,14 @@ CONDCONV2 = ["op=condconv", "op.experts=2"]
 _LEAKY_ENV = (
     "DYNCONV_OUTPUT_DIR", "DYNCONV_RUN_NAME", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
     "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID",
-    "SUBMITIT_EXECUTOR", "HYDRA_FULL_ERROR", "IMAGENET_DIR",
+    "SUBMITIT_EXECUTOR", "HYDRA_FULL_ERROR", "IMAGENET_DIR", "DYNCONV_CONV_ALGORITHM",
 )
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A session-wide DYNCONV_DATA_DIR with the digits tree already written (once, before any subprocess)."""
-    from dynconv.data import ensure_digits_imagefolder
+    from dynconv.tasks.classification.digits import ensure_digits_imagefolder
 
     root = tmp_path_factory.mktemp("dynconv-data")
     ensure_digits_imagefolder(root / "digits", image_size=32)

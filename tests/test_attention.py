@@ -31,7 +31,7 @@ from dynconv.attention import ATTENTIONS, AttentionConfigError, check_attention
 from dynconv.attention.sites import Site, supported_backbones
 from dynconv.backbones import BACKBONES
 from dynconv.build import build_backbone
-from dynconv.convert import describe_layers
+from dynconv.conversion.convert import describe_layers
 from dynconv.ops import OPERATORS
 from dynconv.profiling import count_macs, count_params
 from reference_checks import assert_matches_reference

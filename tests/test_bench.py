@@ -56,7 +56,7 @@ def _check_model_result(result: dict) -> None:
     else:
         assert result["peak_memory_mb"] > 0 and result["static_peak_memory_mb"] > 0
     # The algorithm cache's choices: shape description -> chosen algorithm and each candidate's ms.
-    from dynconv.ops.algorithm_choice import POLICIES
+    from dynconv.functional.selector import POLICIES
 
     assert result["conv_algorithm_policy"] in POLICIES
     assert isinstance(result["conv_algorithms"], dict)

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 
 from dynconv.backbones.timm_backbones import RESNET_RULES
 from dynconv.build import build_backbone
+from dynconv.ops import OPERATORS
 from dynconv.ops.condconv import CondConv2d
 from dynconv.profiling import count_macs, count_params, fold_for_inference
 from op_checks import load_op_config
 
 NONE = {"name": "none"}
 CONDCONV2 = {"name": "condconv", "experts": 2, "routing": "layer", "keep_static": []}
-ALL_OPS = ["static", "condconv", "dyconv", "dynet", "kw", "lwe", "mwe", "odconv", "sk", "we", "weightnet"]
+ALL_OPS = OPERATORS.names()
 INPUT = (3, 32, 32)
 
 

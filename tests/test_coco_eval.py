@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dynconv.detection.coco_eval import CocoEvaluator, encode_masks
+from dynconv.tasks.detection.coco_eval import CocoEvaluator, encode_masks
 
 CATEGORY_IDS = [3, 7]  # labels 1, 2 (non-contiguous on purpose)
 # (image id, height, width, [(category id, x, y, w, h)]): a small (20x20), medium (40x40, 40x30) and large

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dynconv.build import make_operator
 from dynconv.ops import OperatorConfigError
 from dynconv.ops.condconv import CondConv2d
-from dynconv.ops.per_sample_conv import mixture_conv2d
+from dynconv.functional import mixture_conv2d
 
 from reference_checks import TOL, assert_matches_reference  # noqa: E402
 

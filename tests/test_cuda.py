@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.build import build_backbone
-from dynconv.ops.per_sample_conv import mixture_conv2d, per_sample_conv2d
-from dynconv.training import to_channels_last
+from dynconv.functional import mixture_conv2d, per_sample_conv2d
+from dynconv.engine.training_run import to_channels_last
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -13,8 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from dynconv.config import ConfigError, validate_data_config
-from dynconv.data import build_classification_data
-from dynconv.data.cifar import Cifar100, cifar_transforms, locate_cifar100
+from dynconv.tasks.classification.loaders import build_classification_data
+from dynconv.tasks.classification.cifar import Cifar100, cifar_transforms, locate_cifar100
 
 NAMES = [f"class{i:02d}" for i in range(100)]
 COUNTS = {"train": 12, "test": 6}
@@ -78,7 +78,7 @@ def test_root_may_be_the_folder_with_the_files(release):
 
 def test_loaders_yield_normalised_batches(release):
     data = build_classification_data(_data_cfg(release), _recipe_cfg())
-    assert data.num_classes == 100 and data.class_names == NAMES
+    assert data.num_classes == 100 and data.train_loader.dataset.dataset.classes == NAMES
     images, targets, skipped = next(iter(data.train_loader))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and skipped == []
     assert targets.dtype == torch.int64 and int(targets.max()) < 5

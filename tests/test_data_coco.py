@@ -16,10 +16,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dynconv.data.coco import CocoDetectionDataset, validate_coco_root
-from dynconv.data.detection_loaders import DetectionData, build_detection_data
-from dynconv.data.detection_transforms import build_detection_transforms
-from dynconv.data.grouped_sampler import GroupedBatchSampler
+from dynconv.tasks.detection.coco import CocoDetectionDataset, validate_coco_root
+from dynconv.tasks.detection.loaders import DetectionData, build_detection_data
+from dynconv.tasks.detection.data_transforms import build_detection_transforms
+from dynconv.tasks.detection.grouped_sampler import GroupedBatchSampler
 
 CATEGORIES = [{"id": 2, "name": "ant"}, {"id": 5, "name": "bee"}, {"id": 9, "name": "cat"}]
 
@@ -115,7 +115,7 @@ def test_counts_and_what_reaches_training(coco_root):
 def test_labels_are_contiguous_and_map_back(coco_root):
     data = _build(coco_root)
     assert data.num_classes == 3
-    assert data.category_ids == [2, 5, 9] and data.class_names == ["ant", "bee", "cat"]
+    assert data.category_ids == [2, 5, 9] and [data.val_coco.cats[c]["name"] for c in data.category_ids] == ["ant", "bee", "cat"]
     seen = {}
     for _, targets, _ in data.train_loader:
         for t in targets:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dynconv.data import ensure_digits_imagefolder
+from dynconv.tasks.classification.digits import ensure_digits_imagefolder
 
 
 @pytest.fixture(scope="module")

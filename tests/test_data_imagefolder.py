@@ -13,13 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
-from dynconv.data import (
-    CorruptImageError,
-    RobustImageFolder,
-    collate_skip_corrupt,
-    validate_imagefolder_root,
-)
-from dynconv.data.image_folder import CorruptSample
+from dynconv.data import CorruptImageError, CorruptSample, collate_skip_corrupt
+from dynconv.tasks.classification.image_folder import RobustImageFolder, validate_imagefolder_root
 
 SIZE = 12
 

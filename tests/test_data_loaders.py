@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dynconv.data import ClassificationData, EpochSampler, build_classification_data
+from dynconv.data import EpochSampler
+from dynconv.tasks.classification.loaders import ClassificationData, build_classification_data
 
 
 def _data_cfg(**overrides):
@@ -63,7 +64,7 @@ def test_digits_end_to_end(digits_dir):
     assert isinstance(data, ClassificationData)
     assert isinstance(data.train_sampler, EpochSampler)
     assert data.num_classes == 10
-    assert data.class_names == [str(i) for i in range(10)]
+    assert data.train_loader.dataset.dataset.classes == [str(i) for i in range(10)]
     assert len(data.train_loader) == 1437 // 64
     images, targets, skipped = next(iter(data.train_loader))
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
@@ -116,7 +117,7 @@ def test_custom_folder_non_strict_reports_corrupt(tmp_path, name):
         _data_cfg(name=name, root=str(tmp_path), image_size=16, strict=False),
         _recipe_cfg(batch_size=4, drop_last=False),
     )
-    assert data.class_names == ["cat", "dog", "eel"] and data.num_classes == 3
+    assert data.train_loader.dataset.dataset.classes == ["cat", "dog", "eel"] and data.num_classes == 3
     skipped, good = [], 0
     for images, targets, bad in data.train_loader:
         skipped += bad

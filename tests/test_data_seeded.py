@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dynconv.data import EpochSampler, RobustImageFolder, SeededDataset, build_transforms, collate_skip_corrupt
+from dynconv.data import EpochSampler, SeededDataset, collate_skip_corrupt
+from dynconv.tasks.classification.image_folder import RobustImageFolder
+from dynconv.tasks.classification.transforms import build_transforms
 from dynconv.data.seeded import sample_seeds
 
 N_IMAGES = 14

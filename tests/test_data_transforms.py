@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dynconv.data import build_transforms
-from dynconv.data.timm_compat import safe_posterize
+from dynconv.tasks.classification.transforms import build_transforms
+from dynconv.tasks.classification.timm_compat import safe_posterize
 
 
 def _image(size: int = 40) -> Image.Image:

@@ -21,10 +21,10 @@ from pycocotools.coco import COCO
 from torchvision.ops import FrozenBatchNorm2d
 
 from dynconv.build import build_backbone
-from dynconv.detection.freeze import FrozenBatchNorm1d, module_stages
-from dynconv.detection.models import build_maskrcnn, build_retinanet
-from dynconv.detection.transform import DetectionTransform
-from dynconv.ops import algorithm_choice
+from dynconv.tasks.detection.freeze import FrozenBatchNorm1d, module_stages
+from dynconv.tasks.detection.models import build_maskrcnn, build_retinanet
+from dynconv.tasks.detection.model_transform import DetectionTransform
+from dynconv.functional import selector
 from dynconv.tasks.detection import MaskRCNNTask, RetinaNetTask
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "configs" / "task"
@@ -49,7 +49,7 @@ def small_and_quick(one_thread):
     """One thread (these convolutions are tiny: with a second thread on a shared 2-core machine the threads
     mostly wait for each other, ten times slower) and the per-sample convolutions' cost model instead of timing
     every new layer shape (detection feeds many shapes once each)."""
-    with algorithm_choice.policy("model"):
+    with selector.policy("model"):
         yield
 
 
@@ -224,14 +224,14 @@ def test_backbone_without_levels_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name,key,value,allowed", [
-    ("retinanet", "fpn_channels", 0, "an integer >= 1"),
+    ("retinanet", "fpn_channels", 0, "integers >= 1"),
     ("retinanet", "aspect_ratios", [], "a non-empty list of positive numbers"),
     ("retinanet", "anchor_sizes", [32, 64], "a list of 5 positive numbers"),
     ("retinanet", "bg_iou_thresh", 0.6, "task.fg_iou_thresh"),
-    ("retinanet", "frozen_bn", "yes", "true or false"),
-    ("retinanet", "head_norm", "batch", "none | group"),
+    ("retinanet", "frozen_bn", "yes", "true, false"),
+    ("retinanet", "head_norm", "batch", "none, group"),
     ("retinanet", "frozen_stages", 5, "-1 (nothing), 0 (stem) .. 4"),
-    ("maskrcnn", "mask_head_layers", 0, "an integer >= 1"),
+    ("maskrcnn", "mask_head_layers", 0, "integers >= 1"),
     ("maskrcnn", "nms_thresh", 0.0, "a number in (0.0, 1.0]"),
 ])
 def test_wrong_knob_names_key_and_allowed_values(name, key, value, allowed):

@@ -101,7 +101,7 @@ def test_retinanet_two_processes_gather_the_evaluation(run_train, tmp_path):
     (["task=retinanet"], ["data=digits does not fit task=retinanet", "coco", "toy_coco"]),
     (["data=toy_coco"], ["data=toy_coco does not fit task=classification", "digits"]),
     (["task=maskrcnn", "data=coco", "data.root=null"], ["data.root is not set", "COCO_DIR"]),
-    (["task=maskrcnn", "data=toy_coco", "task.fpn_channels=0"], ["task.fpn_channels=0", "integer >= 1"]),
+    (["task=maskrcnn", "data=toy_coco", "task.fpn_channels=0"], ["task.fpn_channels=0", "integers >= 1"]),
     (["task=retinanet", "data=toy_coco", "task.frozen_stages=9"], ["task.frozen_stages=9", "-1"]),
 ])
 def test_bad_detection_configs_stop_before_anything_is_written(run_train, tmp_path, overrides, expected):

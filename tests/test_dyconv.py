@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from dynconv.build import make_operator
 from dynconv.engine.hooks.operator_schedule import apply_training_progress, scheduled_modules
 from dynconv.ops.dyconv import DyConv2d
-from dynconv.ops.per_sample_conv import mixture_conv2d
-from dynconv.ops.temperature import LinearTemperature
+from dynconv.functional import mixture_conv2d
+from dynconv.layers.temperature import LinearTemperature
 
 from op_checks import assert_knob_rejected, load_op_config  # noqa: E402
 from reference_checks import assert_matches_reference  # noqa: E402
@@ -154,7 +154,7 @@ def test_bias_and_kernels_initialised():
 
 
 def _layer(conv, role="conv"):
-    from dynconv.ops.base import LayerInfo
+    from dynconv.conversion import LayerInfo
 
     return LayerInfo("layer1.0.conv1", conv, role, 1, "layer1.0", 0)
 

@@ -10,10 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynconv.build import build_backbone
-from dynconv.ops import OperatorConfigError, algorithm_choice
-from dynconv.ops import dynet_fusion
+from dynconv.functional import selector
+from dynconv.ops import OperatorConfigError
+from dynconv.ops.dynet import fusion as dynet_fusion
 from dynconv.ops.dynet import CoefficientPredictor, DyNetConv2d
-from dynconv.ops.dynet_fusion import dynet_conv2d
+from dynconv.ops.dynet.fusion import dynet_conv2d
 from dynconv.profiling import count_macs
 from op_checks import assert_knob_rejected, load_op_config
 from reference_checks import assert_matches_reference
@@ -112,13 +113,13 @@ def test_inference_fuses_kernels(monkeypatch):
 
 
 def test_training_takes_the_measured_fusion(monkeypatch):
-    """In training, `auto` times both fusions once per layer shape and caches the faster (algorithm_choice);
+    """In training, `auto` times both fusions once per layer shape and caches the faster (selector);
     DYNCONV_CONV_ALGORITHM=outputs forces feature fusion, =kernels kernel fusion."""
     layer = _layer(16, 32, 3, 1, 1, 1, False).float().train()
     x = torch.randn(4, 16, 32, 32)
-    algorithm_choice.clear_cache()
+    selector.clear_cache()
     layer(x).sum().backward()
-    picked = [entry for key, entry in algorithm_choice.choices().items() if key.startswith("dynet_conv2d")]
+    picked = [entry for key, entry in selector.choices().items() if key.startswith("dynet_conv2d")]
     assert len(picked) == 1 and picked[0]["algorithm"] in ("features", "kernels")
     assert set(picked[0]["ms"]) == {"features", "kernels"}
     seen = []
@@ -126,10 +127,10 @@ def test_training_takes_the_measured_fusion(monkeypatch):
         monkeypatch.setitem(dynet_fusion._FUSION, name, lambda *a, name=name: seen.append(name) or
                             dynet_fusion.by_kernels(*a))
     for policy in ("outputs", "kernels"):
-        with algorithm_choice.policy(policy):
+        with selector.policy(policy):
             layer(x)
     assert seen == ["features", "kernels"]
-    algorithm_choice.clear_cache()
+    selector.clear_cache()
 
 
 def test_one_coefficient_module_per_block_shared_by_its_layers():

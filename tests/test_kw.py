@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from dynconv.build import build_backbone
 from dynconv.engine.hooks.operator_schedule import apply_training_progress, scheduled_modules
-from dynconv.ops import algorithm_choice as choice
+from dynconv.functional import selector as choice
 from dynconv.ops.kw import KWConv2d, KWLinear, SplitQKV
-from dynconv.ops.kw.attention import KWAttention
+from dynconv.ops.kw.attention import KWAttention, normalise
 from dynconv.ops.kw.layers import Warehouse, link_warehouse
 from dynconv.ops.kw.plan import Assignment, KernelShape, beta_targets, parse_budget, partition
 from dynconv.profiling import count_params
@@ -290,10 +290,42 @@ def test_bad_knobs_name_key_and_allowed_values(key, value, allowed):
     assert_knob_rejected(kw_config(), key, value, allowed)
 
 
-@pytest.mark.parametrize("function", ["softmax", "sigmoid", "relu_norm"])
+# Table 8's attention functions and what each guarantees of the weights over the n cells + the zero cell.
+FUNCTION_PROPERTIES = {
+    "softmax": lambda w: bool((w > 0).all()) and torch.allclose(w.sum(-1), torch.ones(w.shape[:-1])),
+    "sigmoid": lambda w: bool(((w > 0) & (w < 1)).all()),
+    "relu_norm": lambda w: bool((w >= 0).all()) and bool((w.sum(-1) < 1).all()),
+    "caf": lambda w: bool((w.abs().sum(-1) < 1).all()) and bool((w < 0).any()),  # signed, L1 below 1
+}
+
+
+@pytest.mark.parametrize("function", sorted(FUNCTION_PROPERTIES))
 def test_ablation_attention_functions_train(function):
+    """op.attention=<function> (Table 8) is what every KW layer's attention computes, and the network trains
+    with it: each warehouse and each attention's FC layers get a finite, non-zero gradient."""
     model = build(attention=function, tau=0.5)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for module in model.modules():  # timm zero-initialises each block's last BN: reach every layer at step one
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+    layers = kw_layers(model)
+    assert layers and all(layer.attention.function == function for _, layer in layers)
+    pooled = {}
+    hooks = [layer.attention.register_forward_pre_hook(lambda m, args, name=name: pooled.setdefault(name, args[0]))
+             for name, layer in layers]
+    model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    for name, layer in layers:
+        attention = layer.attention
+        with torch.no_grad():
+            weights = normalise(attention.logits(torch.relu(attention.norm(attention.fc1(pooled[name])))), function)
+        assert FUNCTION_PROPERTIES[function](weights), name
+        for pname, param in attention.named_parameters():
+            assert param.grad is not None and torch.isfinite(param.grad).all(), f"{name}.attention.{pname}"
+        assert attention.fc2.weight.grad.abs().sum() > 0, name
+    for key, warehouse in model.warehouses.items():
+        grad = warehouse.cells.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, key
 
 
 @pytest.mark.parametrize("strategy", ["all_to_one", "many_to_one"])

@@ -15,7 +15,7 @@ from conftest import REPO, SMOKE, describe, last_json_line
 from op_checks import load_op_config
 
 from dynconv.build import build_backbone
-from dynconv.ops.kw.statistics import (AttentionRecorder, diagonal_fraction, kw_layers, save_attention_stats,
+from dynconv.analysis.kw_attention import (AttentionRecorder, diagonal_fraction, kw_layers, save_attention_stats,
                                        summarize)
 
 SCRIPT = REPO / "scripts" / "kw_attention.py"

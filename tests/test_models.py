@@ -7,26 +7,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from op_checks import load_op_config
+from torch.nn.utils import parametrize
+
 from dynconv.backbones import BACKBONES, Backbone
 from dynconv.build import build_backbone
+from dynconv.ops import OPERATORS
 from dynconv.ops.condconv import CondConv2d
 
-OPS = {
-    "static": {"name": "static"},
-    "condconv": {"name": "condconv", "experts": 2, "routing": "layer", "keep_static": []},
-    "condconv_block": {"name": "condconv", "experts": 2, "routing": "block", "keep_static": []},
-    "dyconv": {"name": "dyconv", "kernels": 2, "reduction": 0.25, "temperature_start": 30.0,
-               "temperature_end": 1.0, "temperature_epochs": 10.0, "keep_static": []},
-    "odconv": {"name": "odconv", "kernels": 2, "reduction": 0.0625, "min_hidden": 16, "temperature_start": 30.0,
-               "temperature_end": 1.0, "temperature_epochs": 10.0, "keep_static": []},
-    "weightnet": {"name": "weightnet", "lam": 2, "G": 1, "reduction": 16, "min_hidden": 16, "gap": "block",
-                  "keep_static": []},
-    "weightnet_layer": {"name": "weightnet", "lam": 1, "G": 1, "reduction": 16, "min_hidden": 16, "gap": "layer",
-                        "keep_static": []},
-    "kw": {"name": "kw", "b": 1, "partition": True, "sharing": "stage", "sharing_dims": "all", "attention": "caf",
-           "init": "one_to_one", "tau_epochs": 10, "tau": 0.5, "omni": False, "reduction": None,
-           "nonlocal_basis": None, "keep_static": []},
-}
+# Every registered operator (configs/op/<name>.yaml), at small settings where a knob multiplies the work, plus
+# the variants that take another code path (block routing, per-layer GAP).
+SMALL = {"condconv": {"experts": 2}, "dyconv": {"kernels": 2}, "odconv": {"kernels": 2},
+         "weightnet": {"lam": 2, "G": 1}, "kw": {"tau": 0.5}, "dynet": {"g": 2}}
+VARIANTS = {"condconv_block": ("condconv", {"experts": 2, "routing": "block"}),
+            "weightnet_layer": ("weightnet", {"lam": 1, "G": 1, "gap": "layer"})}
+
+
+def _op_config(op: str) -> dict:
+    name, overrides = VARIANTS.get(op, (op, SMALL.get(op, {})))
+    return {**load_op_config(name), **overrides}
+
+
+OPS = {op: _op_config(op) for op in [*OPERATORS.names(), *VARIANTS]}
 ATTN = {"name": "none"}
 
 
@@ -35,19 +37,18 @@ def _build(name: str, op: str, image_size: int = 32, num_classes: int = 10):
     return build_backbone({"name": name}, OPS[op], ATTN, num_classes=num_classes, image_size=image_size)
 
 
-def _sk_op():
-    """The SK operator's config, read from its YAML (its knobs are its own)."""
-    from op_checks import load_op_config
-
-    return load_op_config("sk")
-
-
 # ResNeXt-29 16x64d (68M parameters, 10.7 GMACs at 32 px) has ResNeXt50's bottlenecks, which every operator is
 # trained through here already; its conversions are checked in tests/test_cifar_backbones.py.
 HEAVY = {"resnext29_16x64d"}
 
 
-@pytest.mark.parametrize("op", sorted(OPS) + ["sk"])
+def test_the_papers_operators_are_registered():
+    """The matrix below reads the registry; the operators of the papers must all be in it (discovered on import)."""
+    papers = {"static", "condconv", "dyconv", "odconv", "weightnet", "kw", "dynet", "lwe", "mwe", "we", "sk"}
+    assert papers <= set(OPERATORS.names()) and set(OPERATORS.names()) <= set(OPS)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
 @pytest.mark.parametrize("name", [name for name in BACKBONES.names() if name not in HEAVY])
 def test_one_training_step(name, op):
     """Forward, backward and an SGD step work for every registered backbone with every operator.
@@ -60,8 +61,7 @@ def test_one_training_step(name, op):
     step; then a second step must move them). Train mode at batch 2, 32x32.
     """
     torch.manual_seed(0)
-    op_cfg = _sk_op() if op == "sk" else OPS[op]
-    built = build_backbone({"name": name}, op_cfg, ATTN, num_classes=10, image_size=32)
+    built = build_backbone({"name": name}, OPS[op], ATTN, num_classes=10, image_size=32)
     model = built.backbone.train()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([1, 7])
@@ -85,7 +85,9 @@ def test_one_training_step(name, op):
         return
     for layer_name in converted:
         module = model.net.get_submodule(layer_name)
-        assert not isinstance(module, (nn.Conv2d, nn.Linear)) or op == "sk", f"{layer_name} was not replaced"
+        # SK keeps its paths' nn.Conv2d inside; Weight Excitation parametrizes the layer's own weight.
+        replaced = not isinstance(module, (nn.Conv2d, nn.Linear)) or op == "sk" or parametrize.is_parametrized(module)
+        assert replaced, f"{layer_name} was not replaced"
         for pname, param in module.named_parameters():
             assert param.grad is not None, f"{layer_name}.{pname} got no gradient"
     for pname, param in getattr(model, "shared_inputs", nn.ModuleDict()).named_parameters():
@@ -157,13 +159,13 @@ def test_resnet18_condconv_conversion_decisions():
 def test_unknown_layer_raises_lookup_error():
     """A layer no placement rule describes is an error naming the layer (never a silent default role)."""
     from dynconv.backbones.timm_backbones import RESNET_RULES
-    from dynconv.convert import convert
+    from dynconv.conversion.convert import convert
     from dynconv.ops import OPERATORS
 
     full = _build("resnet18", "static").backbone
     rules = [r for r in RESNET_RULES if "downsample" not in r.pattern]
-    partial = Backbone("resnet18-partial", full.net, rules, full._features, full.feature_channels,
-                       full.feature_strides)
+    partial = Backbone("resnet18-partial", full.net, full._features, full.feature_channels, full.feature_strides,
+                       family="resnet", rules=rules)
     operator = OPERATORS.get("condconv")({"name": "condconv", "experts": 2})
     with pytest.raises(LookupError, match=r"layer2\.0\.downsample\.0"):
         convert(partial, operator)

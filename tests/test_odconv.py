@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from dynconv.build import make_operator
 from dynconv.engine.hooks.operator_schedule import apply_training_progress, scheduled_modules
-from dynconv.ops.base import LayerInfo
+from dynconv.conversion import LayerInfo
 from dynconv.ops.odconv import ODConv2d
-from dynconv.ops.temperature import LinearTemperature
+from dynconv.layers.temperature import LinearTemperature
 
 from op_checks import assert_knob_rejected, load_op_config  # noqa: E402
 from reference_checks import TOL, assert_matches_reference  # noqa: E402

@@ -4,7 +4,7 @@ reports as `params_inference`), 1000 classes, counted on the meta device with `b
 
 Tolerance: the paper's rounding to 0.1M, with the convention of tests/test_parity_weightnet.py and the WE rows
 of tests/test_attention.py (0.06M). Every row is within 0.05M except ResNet18-LWE: 11.849M against 11.9 (0.051M;
-the paper's 11.8 -> 11.9 step needs 0.0007M more, see dynconv/ops/weight_excitation.py on FC_1's width) and the
+the paper's 11.8 -> 11.9 step needs 0.0007M more, see dynconv/ops/we/operator.py on FC_1's width) and the
 inference count of ResNeXt50-LWE-SE, which is the ResNeXt50-SE baseline's 27.56M against 27.5 (0.06M, the same
 as in tests/test_attention.py). Folded models are also checked to equal the static baselines exactly.
 """

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconv.ops.per_sample_conv import canonical_cost_mode, mixture_conv2d, per_sample_conv2d
+from dynconv.functional import counting_macs, mixture_conv2d, per_sample_conv2d
 
 # (in, out, kernel, stride, padding, dilation, groups, size)
 GEOMETRIES = {
@@ -96,7 +96,7 @@ def test_folded_mac_count_is_batch_times_plain_conv(geometry):
     assert plain > 0
     folded = _flops(lambda: per_sample_conv2d(x, w, None, **conv, algorithm="folded"))
     assert folded == 4 * plain
-    with canonical_cost_mode():  # auto must take the folded (paper) path in canonical mode
+    with counting_macs():  # auto must take the folded (paper) path in canonical mode
         assert _flops(lambda: per_sample_conv2d(x, w, None, **conv)) == 4 * plain
 
 
@@ -108,14 +108,14 @@ def test_bmm_mac_count_matches_folded():
 
 
 def test_canonical_mixture_counts_paper_cost():
-    """In canonical_cost_mode a mixture convolution counts the paper's cost: one per-sample conv (B x plain)
+    """In counting_macs a mixture convolution counts the paper's cost: one per-sample conv (B x plain)
     plus the kernel mixing matmul (B x n x O*C/g*k*k), not n full convolutions."""
     batch, experts = 4, 3
     x, w, _, conv = _inputs("plain3x3", batch, False)
     bank = w[:experts].clone()
     coeff = torch.rand(batch, experts, dtype=torch.float64)
     plain = _flops(lambda: F.conv2d(x[:1], bank[0], None, conv["stride"], conv["padding"], 1, 1))
-    with canonical_cost_mode():
+    with counting_macs():
         counted = _flops(lambda: mixture_conv2d(x, bank, coeff, None, conv["stride"], conv["padding"], 1, 1))
     assert counted == batch * plain + 2 * batch * experts * bank[0].numel()
 
@@ -231,7 +231,7 @@ def test_mixture_modes_agree_with_reference(case, mode, scales, batch, bias, sin
 def test_fused_blocks_split_output_channels(monkeypatch):
     """The fused algorithm mixes kernels a block of output channels at a time; with tiny blocks (several,
     the last one shorter) it still equals the reference, gradients included."""
-    from dynconv.ops import mixture_algorithms
+    from dynconv.functional import mixture_algorithms
 
     monkeypatch.setattr(mixture_algorithms, "BLOCK_ELEMENTS", 3 * 36 * 2)  # 2 channels per block at batch 3
     assert len(mixture_algorithms._blocks(3, 6, 36)) == 3
@@ -260,7 +260,7 @@ def test_mixture_rejects_bad_arguments():
 @pytest.fixture
 def measured(monkeypatch):
     """Policy "measure" for every shape (tiny ones included), an empty cache, and a counting timer."""
-    from dynconv.ops import algorithm_choice
+    from dynconv.functional import selector
 
     calls = []
 
@@ -268,13 +268,13 @@ def measured(monkeypatch):
         calls.append(1)
         return time.perf_counter()
 
-    monkeypatch.setattr(algorithm_choice, "MEASURE_MIN_MACS", 0)
-    monkeypatch.setattr(algorithm_choice, "DROP_FACTOR", float("inf"))  # every candidate runs every round
-    monkeypatch.setattr(algorithm_choice, "timer", counting_timer)
-    algorithm_choice.clear_cache()
-    with algorithm_choice.policy("measure"):
+    monkeypatch.setattr(selector, "MEASURE_MIN_MACS", 0)
+    monkeypatch.setattr(selector, "DROP_FACTOR", float("inf"))  # every candidate runs every round
+    monkeypatch.setattr(selector, "timer", counting_timer)
+    selector.clear_cache()
+    with selector.policy("measure"):
         yield calls
-    algorithm_choice.clear_cache()
+    selector.clear_cache()
 
 
 def _conv_inputs(batch=4, size=7, groups=1, requires_grad=False):
@@ -287,13 +287,13 @@ def _conv_inputs(batch=4, size=7, groups=1, requires_grad=False):
 def test_measured_once_per_shape_then_cached(measured):
     """The first call of a shape times each candidate (one warm call, then MEASURE_REPEATS timed ones: two
     timer reads each); later calls of that shape only look the choice up; a new shape measures again."""
-    from dynconv.ops import algorithm_choice
+    from dynconv.functional import selector
 
     x, w, b, conv = _conv_inputs()
     y = per_sample_conv2d(x, w, b, **conv)
-    per_candidate = 2 * algorithm_choice.MEASURE_REPEATS
+    per_candidate = 2 * selector.MEASURE_REPEATS
     assert len(measured) == 3 * per_candidate  # folded, bmm and loop (batch 4 <= LOOP_MAX_BATCH)
-    (key, entry), = algorithm_choice.choices().items()
+    (key, entry), = selector.choices().items()
     assert entry["algorithm"] in ("folded", "bmm", "loop") and set(entry["ms"]) == {"folded", "bmm", "loop"}
     assert "per_sample_conv2d" in key and "x4x4xpx2^5.5" in key and "infer" in key  # 49 pixels ~ 2^5.5
     torch.testing.assert_close(y, _reference(x, w, b, conv), rtol=0.0, atol=1e-12)
@@ -303,7 +303,7 @@ def test_measured_once_per_shape_then_cached(measured):
     per_sample_conv2d(torch.randn(4, 4, 8, 6, dtype=x.dtype), w, b, **conv)  # 48 pixels: the same size class
     assert len(measured) == 3 * per_candidate
     per_sample_conv2d(x[:, :, :6, :6], w, b, **conv)  # 36 pixels ~ 2^5: another class, another key
-    assert len(measured) == 6 * per_candidate and len(algorithm_choice.choices()) == 2
+    assert len(measured) == 6 * per_candidate and len(selector.choices()) == 2
     x2, w2, b2, conv2 = _conv_inputs(groups=2)
     per_sample_conv2d(x2, w2, b2, **conv2)  # grouped: bmm does not apply, two candidates
     assert len(measured) == 8 * per_candidate
@@ -313,9 +313,10 @@ def test_measured_once_per_shape_then_cached(measured):
 def test_fastest_candidate_is_used_and_remembered(measured, monkeypatch, drop_factor):
     """With a fake clock that makes "bmm" fastest, the cache picks bmm and every later call runs it. With a
     finite DROP_FACTOR, candidates that lost by more than that in the first round are not timed again."""
-    from dynconv.ops import algorithm_choice, per_sample_conv
+    from dynconv.functional import per_sample as per_sample_conv
+    from dynconv.functional import selector
 
-    monkeypatch.setattr(algorithm_choice, "DROP_FACTOR", drop_factor)
+    monkeypatch.setattr(selector, "DROP_FACTOR", drop_factor)
     clock, runs = [0.0], {name: 0 for name in ("folded", "bmm", "loop")}
     cost = {"folded": 5.0, "bmm": 2.0, "loop": 9.0}
     for name, fn in list(per_sample_conv._PER_SAMPLE.items()):
@@ -324,12 +325,12 @@ def test_fastest_candidate_is_used_and_remembered(measured, monkeypatch, drop_fa
             runs[name] += 1
             return fn(*args)
         monkeypatch.setitem(per_sample_conv._PER_SAMPLE, name, wrapped)
-    monkeypatch.setattr(algorithm_choice, "timer", lambda: clock[0])
+    monkeypatch.setattr(selector, "timer", lambda: clock[0])
     x, w, b, conv = _conv_inputs()
     per_sample_conv2d(x, w, b, **conv)
-    (entry,) = algorithm_choice.choices().values()
+    (entry,) = selector.choices().values()
     assert entry["algorithm"] == "bmm" and entry["ms"] == {"folded": 5000.0, "bmm": 2000.0, "loop": 9000.0}
-    repeats = algorithm_choice.MEASURE_REPEATS
+    repeats = selector.MEASURE_REPEATS
     # One warm call each, then the timed rounds (loop, 9 > 2.5 x 2, leaves after the first when dropping), then
     # the call itself with the winner.
     assert runs == {"folded": 1 + repeats, "bmm": 2 + repeats, "loop": 1 + (repeats if drop_factor > 9 else 1)}
@@ -342,12 +343,12 @@ def test_measurement_leaves_the_callers_graph_alone(measured):
     """Training-mode measurement times forward + backward on detached aliases: the caller's tensors get no
     .grad from it, the result's graph is the real call's, and its gradients equal the reference's. Training
     and inference are separate keys."""
-    from dynconv.ops import algorithm_choice
+    from dynconv.functional import selector
 
     x, w, b, conv = _conv_inputs(requires_grad=True)
     y = per_sample_conv2d(x, w, b, **conv)
     assert x.grad is None and w.grad is None and b.grad is None
-    (key,) = algorithm_choice.choices()
+    (key,) = selector.choices()
     assert "train" in key and "grad:111" in key
     ref = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
     grad_out = torch.randn_like(y)
@@ -356,18 +357,18 @@ def test_measurement_leaves_the_callers_graph_alone(measured):
         torch.testing.assert_close(g, g_ref, rtol=0.0, atol=1e-12)
     with torch.no_grad():
         per_sample_conv2d(x, w, b, **conv)
-    assert len(algorithm_choice.choices()) == 2
+    assert len(selector.choices()) == 2
 
 
 def test_mixture_measures_its_modes(measured):
     """mixture_conv2d measures kernels / outputs / fused (the kernels candidate's own per-sample choice is
     measured within), caches the winner, and a spatial scale removes "outputs" from the candidates."""
-    from dynconv.ops import algorithm_choice
+    from dynconv.functional import selector
 
     tensors, conv = _mixture_inputs("3x3", 3, True, "none", False)
     y = mixture_conv2d(*tensors[:4], **conv)
     torch.testing.assert_close(y, _mixture_reference(*tensors, conv), rtol=0.0, atol=1e-12)
-    entries = {key.split()[0]: entry for key, entry in algorithm_choice.choices().items()}
+    entries = {key.split()[0]: entry for key, entry in selector.choices().items()}
     assert set(entries["mixture_conv2d"]["ms"]) == {"kernels", "outputs", "fused"}
     assert "per_sample_conv2d" in entries  # measured inside the kernels candidate's warm call
     count = len(measured)
@@ -375,12 +376,12 @@ def test_mixture_measures_its_modes(measured):
     assert len(measured) == count
     tensors, conv = _mixture_inputs("3x3", 3, True, "spatial", False)
     mixture_conv2d(*tensors[:4], **conv, spatial=tensors[4])
-    spatial_key = next(key for key in algorithm_choice.choices() if "spatial" in key)
-    assert set(algorithm_choice.choices()[spatial_key]["ms"]) == {"kernels", "fused"}
-    count, entries = len(measured), len(algorithm_choice.choices())
+    spatial_key = next(key for key in selector.choices() if "spatial" in key)
+    assert set(selector.choices()[spatial_key]["ms"]) == {"kernels", "fused"}
+    count, entries = len(measured), len(selector.choices())
     tensors, conv = _mixture_inputs("3x3", 1, True, "spatial", False)
     mixture_conv2d(*tensors[:4], **conv, spatial=tensors[4])  # batch 1: kernels + plain conv, never timed
-    assert len(measured) == count and len(algorithm_choice.choices()) == entries
+    assert len(measured) == count and len(selector.choices()) == entries
 
 
 @pytest.mark.parametrize("policy", ["model", "folded", "loop", "bmm", "kernels", "outputs", "fused"])
@@ -388,14 +389,15 @@ def test_policy_switch(measured, policy):
     """Policy "model" or a forced algorithm never times anything. A forced per-sample algorithm runs where it
     applies (bmm: groups=1; elsewhere the cost model), and makes mixtures mix kernels; a forced mixture mode
     runs where it applies. Results stay exact whatever the policy."""
-    from dynconv.ops import algorithm_choice, per_sample_conv
+    from dynconv.functional import per_sample as per_sample_conv
+    from dynconv.functional import selector
 
     seen = []
     original = dict(per_sample_conv._PER_SAMPLE)
     for name, fn in original.items():
         per_sample_conv._PER_SAMPLE[name] = lambda *args, name=name, fn=fn: seen.append(name) or fn(*args)
     try:
-        with algorithm_choice.policy(policy):
+        with selector.policy(policy):
             x, w, b, conv = _conv_inputs()
             torch.testing.assert_close(per_sample_conv2d(x, w, b, **conv), _reference(x, w, b, conv), rtol=0,
                                        atol=1e-12)
@@ -406,7 +408,7 @@ def test_policy_switch(measured, policy):
                                        rtol=0, atol=1e-12)
     finally:
         per_sample_conv._PER_SAMPLE.update(original)
-    assert measured == [] and algorithm_choice.choices() == {}
+    assert measured == [] and selector.choices() == {}
     if policy in ("folded", "loop"):
         assert seen == [policy, policy, policy]  # the mixture mixed kernels and ran the forced algorithm
     elif policy == "bmm":
@@ -416,34 +418,34 @@ def test_policy_switch(measured, policy):
 
 
 def test_policy_validation_and_environment(monkeypatch):
-    from dynconv.ops import algorithm_choice
+    from dynconv.functional import selector
 
     with pytest.raises(ValueError, match="allowed"):
-        algorithm_choice.set_policy("fastest")
-    monkeypatch.setenv(algorithm_choice.ENV_VAR, "bmm")
-    assert algorithm_choice._read_env() == "bmm"
-    monkeypatch.setenv(algorithm_choice.ENV_VAR, "")
-    assert algorithm_choice._read_env() == "measure"
-    monkeypatch.setenv(algorithm_choice.ENV_VAR, "fastest")
+        selector.set_policy("fastest")
+    monkeypatch.setenv(selector.ENV_VAR, "bmm")
+    assert selector._read_env() == "bmm"
+    monkeypatch.setenv(selector.ENV_VAR, "")
+    assert selector._read_env() == "measure"
+    monkeypatch.setenv(selector.ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="DYNCONV_CONV_ALGORITHM='fastest'"):
-        algorithm_choice._read_env()
+        selector._read_env()
 
 
 def test_canonical_mode_ignores_policy_and_cache(measured):
-    """canonical_cost_mode forces the papers' formulation (mix kernels, folded) whatever the policy: MAC counts
+    """counting_macs forces the papers' formulation (mix kernels, folded) whatever the policy: MAC counts
     do not move, and nothing is timed."""
-    from dynconv.ops import algorithm_choice
+    from dynconv.functional import selector
 
     batch, experts = 4, 3
     x, w, _, conv = _inputs("plain3x3", batch, False)
     bank, coeff = w[:experts].clone(), torch.rand(batch, experts, dtype=torch.float64)
     plain = _flops(lambda: F.conv2d(x[:1], bank[0], None, conv["stride"], conv["padding"], 1, 1))
     for policy in ("measure", "bmm", "outputs", "fused"):
-        with algorithm_choice.policy(policy), canonical_cost_mode():
+        with selector.policy(policy), counting_macs():
             assert _flops(lambda: per_sample_conv2d(x, w, None, **conv)) == batch * plain
             counted = _flops(lambda: mixture_conv2d(x, bank, coeff, None, conv["stride"], conv["padding"], 1, 1))
             assert counted == batch * plain + 2 * batch * experts * bank[0].numel()
-    assert measured == [] and algorithm_choice.choices() == {}
+    assert measured == [] and selector.choices() == {}
 
 
 def test_no_measuring_under_a_dispatch_mode(measured):
@@ -473,7 +475,7 @@ def test_compiled_call_uses_the_model_without_graph_breaks(measured):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    from dynconv.ops import algorithm_choice
+    from dynconv.functional import selector
 
     def layer(x, w, experts, coeff, spatial, channel):
         y = per_sample_conv2d(x, w, None, 1, 1)
@@ -490,7 +492,7 @@ def test_compiled_call_uses_the_model_without_graph_breaks(measured):
     counter = CompileCounter()
     compiled = torch.compile(layer, backend=counter)
     out = compiled(*args)
-    assert measured == [] and algorithm_choice.choices() == {} and counter.frame_count == 1
-    with algorithm_choice.policy("model"):
+    assert measured == [] and selector.choices() == {} and counter.frame_count == 1
+    with selector.policy("model"):
         torch.testing.assert_close(out, layer(*args))
     torch._dynamo.reset()

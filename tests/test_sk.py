@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from dynconv.build import build_backbone, make_operator
 from dynconv.ops import OperatorConfigError
-from dynconv.ops.base import LayerInfo
+from dynconv.conversion import LayerInfo
 from dynconv.ops.sk import SKConv2d
 from dynconv.profiling import count_macs, count_params
 

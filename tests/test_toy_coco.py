@@ -10,9 +10,9 @@ import pytest
 from omegaconf import OmegaConf
 from pycocotools.coco import COCO
 
-from dynconv.data.coco import ann_to_mask
-from dynconv.data.detection_loaders import build_detection_data
-from dynconv.data.toy_coco import TOY_TRAIN_IMAGES, TOY_VAL_IMAGES, ensure_toy_coco, toy_coco_counts
+from dynconv.tasks.detection.coco import ann_to_mask
+from dynconv.tasks.detection.loaders import build_detection_data
+from dynconv.tasks.detection.toy_coco import TOY_TRAIN_IMAGES, TOY_VAL_IMAGES, ensure_toy_coco, toy_coco_counts
 
 
 @pytest.fixture(scope="module")

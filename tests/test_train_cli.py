@@ -60,6 +60,22 @@ def test_run_dir_metrics_and_log(smoke_run):
     assert "epoch 1/2" in log and "epoch 2/2" in log
 
 
+def test_run_dir_records_the_conv_algorithm_policy(smoke_run):
+    """The selector's policy is part of the saved config, and conv_algorithms.json beside metrics.json says which
+    algorithm each dynamic layer shape ran (measured: with each candidate's milliseconds)."""
+    from dynconv.functional.selector import MIXTURE_MODES, PER_SAMPLE_ALGORITHMS
+
+    completed, _, run_dir = smoke_run
+    assert completed.returncode == 0, describe(completed)
+    assert OmegaConf.load(run_dir / "config.yaml").conv_algorithm == "measure"
+    record = json.loads((run_dir / "conv_algorithms.json").read_text())
+    assert record["policy"] == "measure" and record["choices"]
+    for shape, choice in record["choices"].items():
+        assert shape.split()[0] in ("mixture_conv2d", "per_sample_conv2d"), shape
+        assert choice["algorithm"] in MIXTURE_MODES + PER_SAMPLE_ALGORITHMS
+        assert choice["ms"] == {} or choice["algorithm"] in choice["ms"]  # {}: the only candidate of its shape
+
+
 def test_run_dir_checkpoints(smoke_run):
     """last.pt / best.pt load with weights_only=True and hold the documented keys for the final epoch."""
     completed, result, run_dir = smoke_run

@@ -16,12 +16,12 @@ from torch.nn.utils import parametrize
 from dynconv.backbones import BACKBONES
 from dynconv.build import build_backbone, make_operator
 from dynconv.config import ConfigError, validate_model_config
-from dynconv.convert import summarize
-from dynconv.ops.base import OperatorConfigError
-from dynconv.ops.we_location import LocationExcitation
-from dynconv.ops.we_magnitude import MagnitudeExcitation, magnitude_excitation
-from dynconv.ops.we_standardize import standardize
-from dynconv.ops.weight_excitation import ONE_INPUT_REASON
+from dynconv.conversion.convert import summarize
+from dynconv.conversion import OperatorConfigError
+from dynconv.ops.we.location import LocationExcitation
+from dynconv.ops.we.magnitude import MagnitudeExcitation, magnitude_excitation
+from dynconv.ops.we.standardize import standardize
+from dynconv.ops.we.operator import ONE_INPUT_REASON
 from dynconv.profiling import count_macs, count_params, fold_for_inference
 from op_checks import assert_knob_rejected, load_op_config  # noqa: E402
 
@@ -123,9 +123,9 @@ def test_lwe_matches_eq1_and_its_map_is_out_by_in(case, standardize_input):
 @pytest.mark.parametrize("shape", [(6, 5, 3, 3), (4, 7, 1, 1), (3, 4, 5), (2, 3, 2, 2, 2), (5, 1, 3, 3)],
                          ids=["3x3", "1x1", "conv1d", "conv3d", "one-input"])
 def test_lwe_backward_equals_autograd_through_eq1(shape, standardize_input):
-    """The hand-written backward (dynconv/ops/we_location.py) against autograd through the literal Eq. 1 above,
+    """The hand-written backward (dynconv/ops/we/location.py) against autograd through the literal Eq. 1 above,
     and against finite differences (gradcheck), for the weight and both FCs."""
-    from dynconv.ops.we_location import _LocationExcitation
+    from dynconv.ops.we.location import _LocationExcitation
 
     torch.manual_seed(0)
     weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)

@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynconv.build import build_backbone, make_operator
-from dynconv.ops.base import OperatorConfigError
+from dynconv.conversion import OperatorConfigError
 from dynconv.ops.condconv import CondConv2d
-from dynconv.ops.shared_input import SharedInput
+from dynconv.layers.shared_input import SharedInput
 from dynconv.ops.weightnet import WeightNetConv2d
 from op_checks import load_op_config  # noqa: E402
 from reference_checks import assert_matches_reference  # noqa: E402
@@ -219,7 +219,7 @@ def test_bad_knobs_fail_at_build_with_layer_and_allowed_values(override, match):
 def test_fractional_g_is_condconv_like_grouping():
     """G = 1/C_out is allowed where it gives integer groups (the CondConv end of the design space)."""
     op = make_operator({**WEIGHTNET, "G": 1 / 64, "lam": 4})
-    from dynconv.convert import describe_layers
+    from dynconv.conversion.convert import describe_layers
     from dynconv.backbones import BACKBONES
 
     layer = next(l for l in describe_layers(BACKBONES.get("resnet18")(num_classes=10)) if l.name == "layer1.0.conv1")

@@ -42,8 +42,11 @@ def check_attention(attn_cfg: Mapping[str, Any], backbone_name: str) -> None:
     find_sites(backbone, addon.kind, addon.name)
 
 
-# The add-on modules register themselves on import; they import ATTENTIONS, hence the imports at the end.
-from dynconv.attention import bam, cbam, eca, se  # noqa: E402
-from dynconv.attention.knobs import AttentionConfigError  # noqa: E402
+# The add-on modules register themselves on import; they import ATTENTIONS, hence the import at the end: every
+# module of this package is imported, so a new add-on is one new file.
+from dynconv.attention.errors import AttentionConfigError  # noqa: E402
+from dynconv.registry import import_submodules  # noqa: E402
 
-__all__ = ["ATTENTIONS", "AttentionConfigError", "check_attention", "no_attention", "bam", "cbam", "eca", "se"]
+import_submodules(__name__)
+
+__all__ = ["ATTENTIONS", "AttentionConfigError", "check_attention", "no_attention"]

@@ -13,9 +13,10 @@ from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
-from dynconv.attention.knobs import reject_unknown_keys
+from dynconv.attention.errors import AttentionConfigError
 from dynconv.attention.sites import Site, find_sites
 from dynconv.backbones import Backbone
+from dynconv.knobs import Knobs
 
 
 @dataclass(frozen=True)
@@ -24,14 +25,15 @@ class AddOn:
 
     name: str
     knobs: tuple[str, ...]
-    read: Callable[[Mapping[str, Any]], dict[str, Any]]  # validated knob values; AttentionConfigError if bad
+    read: Callable[[Knobs], dict[str, Any]]  # validated knob values (Knobs raises AttentionConfigError)
     kind: str
     make: Callable[[Site, dict[str, Any]], nn.Module]
 
     def check(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """Validate the `attn` config without touching any backbone (what config validation can call)."""
-        reject_unknown_keys(cfg, self.name, self.knobs)
-        return self.read(cfg)
+        knobs = Knobs(cfg, "attn", owner=f"attn={self.name}", error=AttentionConfigError)
+        knobs.reject_unknown(self.knobs)
+        return self.read(knobs)
 
     def __call__(self, backbone: Backbone, cfg: Mapping[str, Any]) -> str:
         knobs = self.check(cfg)

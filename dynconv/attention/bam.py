@@ -10,7 +10,7 @@ with BN + ReLU after f0, f1, f2 (the paper's spatial attention branch). r = 16, 
 The convolutions followed by a BN have no bias (the BN's shift replaces it). Placed at the end of the
 stride-4, -8 and -16 stages (the network's "bottlenecks", sites.py), as the paper puts three BAMs in ResNet50.
 
-The BN of the channel branch sees one value per channel and sample: `BatchSafeBatchNorm1d` (dynconv/ops/odconv.py)
+The BN of the channel branch sees one value per channel and sample: `BatchSafeBatchNorm1d` (dynconv/layers/batch_safe_norm.py)
 normalises a batch of one with its running statistics, where nn.BatchNorm1d raises in train mode.
 
 Parameter / MAC parity (1000 classes, 224): ResNet50 + BAM 25,918,126 parameters (WE Table 1: 25.9M) and
@@ -25,9 +25,8 @@ import torch.nn as nn
 
 from dynconv.attention import ATTENTIONS
 from dynconv.attention.addon import AddOn
-from dynconv.attention.knobs import positive_int
 from dynconv.attention.sites import squeeze_width
-from dynconv.ops.odconv import BatchSafeBatchNorm1d
+from dynconv.layers.batch_safe_norm import BatchSafeBatchNorm1d
 
 
 class ChannelGate(nn.Module):
@@ -77,8 +76,8 @@ class BAM(nn.Module):
         return x + x * attention
 
 
-def _read(cfg):
-    return {"reduction": positive_int(cfg, "reduction", "bam"), "dilation": positive_int(cfg, "dilation", "bam")}
+def _read(knobs):
+    return {"reduction": knobs.integer("reduction"), "dilation": knobs.integer("dilation")}
 
 
 BAM_ADDON = ATTENTIONS.register("bam")(AddOn(

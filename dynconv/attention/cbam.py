@@ -15,14 +15,13 @@ from timm.layers.cbam import CbamModule  # not re-exported by timm.layers; cbam.
 
 from dynconv.attention import ATTENTIONS
 from dynconv.attention.addon import AddOn
-from dynconv.attention.knobs import odd_positive_int, positive_int
 from dynconv.attention.sites import squeeze_width
 
 
-def _read(cfg):
+def _read(knobs):
     return {
-        "reduction": positive_int(cfg, "reduction", "cbam"),
-        "spatial_kernel_size": odd_positive_int(cfg, "spatial_kernel_size", "cbam"),
+        "reduction": knobs.integer("reduction"),
+        "spatial_kernel_size": knobs.integer("spatial_kernel_size", odd=True),
     }
 
 

@@ -15,14 +15,13 @@ from timm.layers import EcaModule
 
 from dynconv.attention import ATTENTIONS
 from dynconv.attention.addon import AddOn
-from dynconv.attention.knobs import finite_number, odd_positive_int
 
 
-def _read(cfg):
+def _read(knobs):
     return {
-        "kernel_size": odd_positive_int(cfg, "kernel_size", "eca", nullable=True),
-        "gamma": finite_number(cfg, "gamma", "eca", positive=True),
-        "beta": finite_number(cfg, "beta", "eca"),
+        "kernel_size": knobs.integer("kernel_size", odd=True, nullable=True),
+        "gamma": knobs.number("gamma", 0),
+        "beta": knobs.number("beta"),
     }
 
 

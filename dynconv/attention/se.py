@@ -21,13 +21,12 @@ from timm.layers import SEModule
 
 from dynconv.attention import ATTENTIONS
 from dynconv.attention.addon import AddOn
-from dynconv.attention.knobs import positive_int
 from dynconv.attention.sites import squeeze_width
 
 SE = ATTENTIONS.register("se")(AddOn(
     name="se",
     knobs=("reduction",),
-    read=lambda cfg: {"reduction": positive_int(cfg, "reduction", "se")},
+    read=lambda knobs: {"reduction": knobs.integer("reduction")},
     kind="blocks",
     make=lambda site, knobs: SEModule(site.channels, rd_channels=squeeze_width(site.squeeze_from, knobs["reduction"])),
 ))

@@ -7,7 +7,8 @@ Two kinds of site, as the papers place their modules:
 - "stages": at the end of the stride-4, -8 and -16 stages, i.e. at the network's "bottlenecks" right before
   each spatial downsampling, where BAM (Park et al., BMVC 2018) goes: three BAMs in an ImageNet ResNet.
 
-Families (each owns a network class; anything else is refused with the list of backbones that fit):
+Families (the `Backbone.family` a backbone declares; anything else is refused with the list of backbones that
+fit):
 
 - timm ResNet / ResNeXt / Wide-ResNet: the `se` slot of BasicBlock / Bottleneck, which timm's forward applies
   after the last BN and before the residual add (exactly timm's `seresnet*`). Stages: layer1..layer3.
@@ -33,13 +34,11 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
-import timm.models
 import torch
 import torch.nn as nn
-import torchvision.models as tvm
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from dynconv.attention.knobs import AttentionConfigError
+from dynconv.attention.errors import AttentionConfigError
 from dynconv.backbones import BACKBONES, Backbone
 
 SLOT = "attn"  # child name for modules appended to an nn.Sequential (no `se` slot of the library's own)
@@ -99,9 +98,10 @@ def _inverted_residual_blocks(net: nn.Module) -> list[Site]:
 
 
 def _timm_stages(net: nn.Module) -> list[Site]:
-    """The last stage of blocks at strides 4, 8 and 16, from timm's own feature metadata."""
+    """The last stage of blocks at strides 4, 8 and 16, from timm's own feature metadata (none for a network of
+    the family that timm did not build: ResNeXt-29 uses torchvision's blocks)."""
     sites = []
-    for info in net.feature_info:
+    for info in getattr(net, "feature_info", []):
         stage = net.get_submodule(info["module"])
         if info["reduction"] in (4, 8, 16) and isinstance(stage, nn.Sequential):
             sites.append(Site(info["module"], info["num_chs"], info["num_chs"], _append(stage)))
@@ -128,27 +128,22 @@ def _shufflenet_stages(net: nn.Module) -> list[Site]:
 
 
 @dataclass(frozen=True)
-class Family:
-    name: str
-    nets: tuple[type, ...]
+class FamilySites:
     blocks: Callable[[nn.Module], list[Site]]
     stages: Callable[[nn.Module], list[Site]]
 
 
-FAMILIES = (
-    Family("timm ResNet", (timm.models.ResNet,), _resnet_blocks, _timm_stages),
-    Family("timm EfficientNet/MobileNet", (timm.models.EfficientNet, timm.models.MobileNetV3),
-           _inverted_residual_blocks, _timm_stages),
-    Family("torchvision ShuffleNetV2", (tvm.ShuffleNetV2,), _shufflenet_blocks, _shufflenet_stages),
-)
-
-
-def family_of(net: nn.Module) -> Family | None:
-    return next((family for family in FAMILIES if isinstance(net, family.nets)), None)
+# By the family a backbone declares (`Backbone.family`); a family not listed has no sites.
+FAMILY_SITES = {
+    "resnet": FamilySites(_resnet_blocks, _timm_stages),
+    "mobilenetv2": FamilySites(_inverted_residual_blocks, _timm_stages),
+    "mobilenetv3": FamilySites(_inverted_residual_blocks, _timm_stages),
+    "shufflenetv2": FamilySites(_shufflenet_blocks, _shufflenet_stages),
+}
 
 
 def supported_backbones() -> list[str]:
-    """Registered backbones that belong to a family (built on the meta device: no memory, no init cost)."""
+    """Registered backbones that have sites (built on the meta device: no memory, no init cost)."""
     return list(_supported(tuple(BACKBONES.names())))
 
 
@@ -157,15 +152,16 @@ def _supported(names: tuple[str, ...]) -> tuple[str, ...]:
     supported = []
     for name in names:
         with torch.device("meta"):
-            net = BACKBONES.get(name)(num_classes=10, image_size=32).net
-        if family_of(net) is not None:
+            backbone = BACKBONES.get(name)(num_classes=10, image_size=32)
+        family = FAMILY_SITES.get(backbone.family)
+        if family is not None and family.blocks(backbone.net):
             supported.append(name)
     return tuple(supported)
 
 
 def find_sites(backbone: Backbone, kind: str, attn_name: str) -> list[Site]:
     """The sites of `kind` ("blocks" or "stages"); AttentionConfigError if the backbone has none."""
-    family = family_of(backbone.net)
+    family = FAMILY_SITES.get(backbone.family)
     sites = getattr(family, kind)(backbone.net) if family is not None else []
     if not sites:
         raise AttentionConfigError(

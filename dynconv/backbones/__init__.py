@@ -1,6 +1,9 @@
-"""Backbones register themselves in BACKBONES on import."""
+"""Backbones register themselves in BACKBONES on import; every module here is imported, so a new backbone is
+one new file (and a configs/backbone/<name>.yaml)."""
 
-from dynconv.backbones import cifar, dynet, shufflenet, timm_backbones  # noqa: F401  (registration)
-from dynconv.backbones.backbone import BACKBONES, Backbone, Place, PlaceRule
+from dynconv.backbones.backbone import BACKBONES, FAMILY_RULES, Backbone, Place, PlaceRule
+from dynconv.registry import import_submodules
 
-__all__ = ["BACKBONES", "Backbone", "Place", "PlaceRule"]
+import_submodules(__name__)
+
+__all__ = ["BACKBONES", "FAMILY_RULES", "Backbone", "Place", "PlaceRule"]

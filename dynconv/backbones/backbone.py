@@ -1,8 +1,10 @@
 """A torchvision/timm network plus what dynconv needs to know about it.
 
 `Backbone` keeps the original network untouched (`self.net`, so its state_dict keys are the library's own)
-and adds: where each convertible layer sits (role, stage, block) for the conversion pass, and
-`forward_features`, the multi-scale feature maps (strides 4..32) that detection necks consume.
+and adds: its family (declared once; placement, the attention add-ons' sites and KernelWarehouse's layouts key
+on it), where each convertible layer sits (role, stage, block) for the conversion pass, `forward_features`, the
+multi-scale feature maps (strides 4..32) that detection necks consume, and the modules operators share between
+layers (`shared_inputs`, `warehouses`).
 """
 
 from __future__ import annotations
@@ -61,28 +63,46 @@ def infer_role(module: nn.Module) -> str:
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]
 
+# The placement rules of each backbone family, i.e. how the family's library names its layers (timm's ResNet,
+# timm's EfficientNet builder, torchvision's ShuffleNetV2, ...); registered by the modules that build them.
+FAMILY_RULES: dict[str, list[PlaceRule]] = {}
+
 
 class Backbone(nn.Module):
-    """Classification network + layer places + multi-scale features."""
+    """Classification network + family + layer places + multi-scale features + shared operator modules."""
 
     def __init__(
         self,
         name: str,
         net: nn.Module,
-        rules: list[PlaceRule],
         features: FeatureFn,
         feature_channels: list[int],
         feature_strides: list[int],
+        *,
+        family: str,
+        rules: list[PlaceRule] | None = None,
         default_resolution: int = 224,
+        dynet_reduction: float | None = None,
     ):
+        """`family` names the network family (FAMILY_RULES, attention sites, KernelWarehouse layouts); `rules`
+        replaces the family's placement rules where the network's configuration decides them (VGG's layer
+        indices, Dy-mobile's blocks). `dynet_reduction` is the coefficient-module width op=dynet takes with
+        `op.reduction=auto` (the DyNet paper's networks set it)."""
         super().__init__()
         self.name = name
+        self.family = family
         self.net = net
-        self.rules = rules
+        self.rules = rules if rules is not None else FAMILY_RULES[family]
         self._features = features
         self.feature_channels = feature_channels
         self.feature_strides = feature_strides
         self.default_resolution = default_resolution
+        self.dynet_reduction = dynet_reduction
+        # Modules an operator shares between layers, registered here once (counted, saved, moved and
+        # synchronised like any other; empty ModuleDicts add no state): block/stage input summaries
+        # (`dynconv.layers.shared_input`) and KernelWarehouse's warehouses.
+        self.shared_inputs = nn.ModuleDict()
+        self.warehouses = nn.ModuleDict()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -42,7 +42,6 @@ import torchvision.models.resnet as tv_resnet
 import torchvision.models.vgg as tv_vgg
 
 from dynconv.backbones.backbone import BACKBONES, Backbone, PlaceRule
-from dynconv.backbones.timm_backbones import RESNET_RULES
 
 VGG19_CFG = tv_vgg.cfgs["E"]  # 64,64,M,128,128,M,256x4,M,512x4,M,512x4,M
 
@@ -89,8 +88,8 @@ def build_vgg19_cifar(num_classes: int = 100, image_size: int = 32, drop_rate=No
     net.classifier = nn.Sequential(nn.Dropout(drop_rate), classifier) if drop_rate else classifier
     # drop_path_rate: VGG has no residual branch to drop.
     channels = [VGG19_CFG[i - 1] for i, entry in enumerate(VGG19_CFG) if entry == "M"][1:]  # width before each pool
-    return Backbone("vgg19_cifar", net, vgg_rules(VGG19_CFG), vgg_features, channels, [4, 8, 16, 32],
-                    default_resolution=32)
+    return Backbone("vgg19_cifar", net, vgg_features, channels, [4, 8, 16, 32], family="vgg",
+                    rules=vgg_rules(VGG19_CFG), default_resolution=32)
 
 
 # -------------------------------------------------------------------------------------------------- ResNeXt-29
@@ -145,8 +144,9 @@ def build_resnext29_16x64d(num_classes: int = 100, image_size: int = 32, drop_ra
                            drop_path_rate=None) -> Backbone:
     # drop_path_rate: not supported by these blocks (the paper uses none), as for torchvision's backbones.
     net = CifarResNeXt(3, cardinality=16, base_width=64, num_classes=num_classes, drop_rate=drop_rate or 0.0)
-    return Backbone("resnext29_16x64d", net, RESNET_RULES, lambda model, x: model.stages(x), [256, 512, 1024],
-                    [1, 2, 4], default_resolution=32)
+    # Family "resnet": torchvision's ResNet names, so ResNet's placement rules and KernelWarehouse layout apply.
+    return Backbone("resnext29_16x64d", net, lambda model, x: model.stages(x), [256, 512, 1024], [1, 2, 4],
+                    family="resnet", default_resolution=32)
 
 
 BACKBONES.register("vgg19_cifar")(build_vgg19_cifar)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 
+from dynconv.knobs import is_int
+
 
 def _require_positive_int(key: str, value, network: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{network}: {key}={value!r} cannot be rounded to DyNet's channel multiples: allowed values "
                          "are integers >= 1")
     return value

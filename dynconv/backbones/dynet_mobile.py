@@ -101,6 +101,6 @@ def build_dy_mobile(name: str, num_classes: int = 1000, drop_rate: float | None 
                 maps.append(x)
         return maps
 
-    backbone = Backbone(name, net, _rules(MOBILENETV2_SETTING), features, channels, strides)
-    backbone.dynet_reduction = 0.0  # one FC (Figure 3): op=dynet's `reduction: auto` reads this
-    return backbone
+    # dynet_reduction: one FC (Figure 3), what op=dynet's `reduction: auto` takes.
+    return Backbone(name, net, features, channels, strides, family="dynet_mobile", rules=_rules(MOBILENETV2_SETTING),
+                    dynet_reduction=0.0)

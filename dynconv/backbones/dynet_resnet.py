@@ -20,14 +20,14 @@ Assumptions (Figures 4(c), 4(d) are not in the text):
 from __future__ import annotations
 
 from dynconv.backbones.backbone import Backbone
-from dynconv.backbones.timm_backbones import RESNET_RULES, _timm_backbone
+from dynconv.backbones.timm_backbones import timm_backbone
 
 HALF_CHANNELS = (32, 64, 128, 256)  # ResNet's (64, 128, 256, 512) halved
 
 
 def build_dy_resnet(name: str, timm_name: str, num_classes: int = 1000, image_size: int = 224, drop_rate=None,
                     drop_path_rate=None) -> Backbone:
-    backbone = _timm_backbone(name, timm_name, RESNET_RULES, num_classes=num_classes, image_size=image_size,
-                              channels=HALF_CHANNELS, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
-    backbone.dynet_reduction = 0.25  # two linear layers, C_in/4 hidden (Sec. 3.3)
-    return backbone
+    # dynet_reduction: two linear layers, C_in/4 hidden (Sec. 3.3).
+    return timm_backbone(name, timm_name, "resnet", num_classes=num_classes, image_size=image_size,
+                         channels=HALF_CHANNELS, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         dynet_reduction=0.25)

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 from torchvision.models.shufflenetv2 import InvertedResidual, channel_shuffle
 
-from dynconv.backbones.backbone import Backbone, PlaceRule
+from dynconv.backbones.backbone import FAMILY_RULES, Backbone, PlaceRule
 from dynconv.backbones.dynet_channels import dy_shuffle_widths
 from dynconv.backbones.shufflenet import STAGE_REPEATS, shufflenet_features
 
@@ -76,7 +76,7 @@ class DyShuffleNet(nn.Module):
 
 # A block is the unit whose dynamic layers share one coefficient module: the downsampling unit (its right
 # branch reads the unit's input), or a basic unit's right branch (it reads the right quarter only).
-RULES = [
+DY_SHUFFLE_RULES = [
     PlaceRule(r"conv1\.0", "stem"),
     PlaceRule(r"(stage(\d)\.0)\.branch1\.\d", "downsample", stage="g2", stage_offset=-1, block_group=1),
     PlaceRule(r"(stage(\d)\.0)\.branch2\.\d", "auto", stage="g2", stage_offset=-1, block_group=1),
@@ -84,6 +84,9 @@ RULES = [
     PlaceRule(r"conv5\.0", "head", stage=4),
     PlaceRule(r"fc(\.1)?", "classifier", stage=4),
 ]
+
+
+FAMILY_RULES["dynet_shuffle"] = DY_SHUFFLE_RULES
 
 
 def build_dy_shuffle(name: str, widths: list[int], num_classes: int = 1000, drop_rate: float | None = None,
@@ -95,7 +98,6 @@ def build_dy_shuffle(name: str, widths: list[int], num_classes: int = 1000, drop
     net = DyShuffleNet(source)
     if drop_rate:
         net.fc = nn.Sequential(nn.Dropout(drop_rate), net.fc)
-    backbone = Backbone(name, net, RULES, shufflenet_features, [widths[0], stages[0], stages[1], widths[4]],
-                        [4, 8, 16, 32])
-    backbone.dynet_reduction = 0.0  # one FC (Figure 3): op=dynet's `reduction: auto` reads this
-    return backbone
+    # dynet_reduction: one FC (Figure 3), what op=dynet's `reduction: auto` takes.
+    return Backbone(name, net, shufflenet_features, [widths[0], stages[0], stages[1], widths[4]], [4, 8, 16, 32],
+                    family="dynet_shuffle", dynet_reduction=0.0)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
-from dynconv.backbones.backbone import BACKBONES, Backbone, PlaceRule
+from dynconv.backbones.backbone import BACKBONES, FAMILY_RULES, Backbone, PlaceRule
 
 # A block is the unit whose layers share one input (routing / GAP sharing): the whole unit for the
 # downsampling unit (both branches read x), branch2 alone for a basic unit (it reads half of the channels;
@@ -37,6 +37,8 @@ SHUFFLENET_RULES = [
     PlaceRule(r"(stage(\d)\.\d+\.branch2)\.attn\..*", "se", stage="g2", stage_offset=-1, block_group=1),
     PlaceRule(r"(stage(\d))\.attn\..*", "se", stage="g2", stage_offset=-1, block_group=1),
 ]
+
+FAMILY_RULES["shufflenetv2"] = SHUFFLENET_RULES
 
 STAGE_REPEATS = [4, 8, 4]
 WEIGHTNET_WIDTHS = {  # stem, stage2, stage3, stage4, conv5
@@ -60,7 +62,7 @@ def shufflenet_features(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def shufflenet_backbone(name: str, net: tvm.ShuffleNetV2) -> Backbone:
     channels = [net.conv1[0].out_channels, net.stage2[-1].branch2[-3].out_channels * 2,
                 net.stage3[-1].branch2[-3].out_channels * 2, net.conv5[0].out_channels]
-    return Backbone(name, net, SHUFFLENET_RULES, shufflenet_features, channels, [4, 8, 16, 32])
+    return Backbone(name, net, shufflenet_features, channels, [4, 8, 16, 32], family="shufflenetv2")
 
 
 def _register(name: str, factory, default_dropout: float = 0.0) -> None:

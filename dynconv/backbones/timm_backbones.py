@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from dynconv.backbones.backbone import BACKBONES, Backbone, PlaceRule
+from dynconv.backbones.backbone import BACKBONES, FAMILY_RULES, Backbone, PlaceRule
 
 # torchvision's ResNet naming, which timm keeps: conv1 / layerS.B.convK / layerS.B.downsample.0 / fc.
 RESNET_RULES = [
@@ -61,7 +61,8 @@ def _feature_indices(net: nn.Module) -> list[int]:
     return [last_of_stride[stride] for stride in sorted(last_of_stride)]
 
 
-def _timm_backbone(name: str, timm_name: str, rules, *, num_classes: int, image_size: int, vit: bool = False, **kw):
+def timm_backbone(name: str, timm_name: str, family: str, *, num_classes: int, image_size: int, vit: bool = False,
+                   dynet_reduction: float | None = None, **kw):
     kwargs = {k: v for k, v in kw.items() if v is not None}
     if vit:
         # The position embedding is sized for the training resolution; timm interpolates it when
@@ -77,19 +78,20 @@ def _timm_backbone(name: str, timm_name: str, rules, *, num_classes: int, image_
     return Backbone(
         name,
         net,
-        rules,
         features,
         feature_channels=[info[i]["num_chs"] for i in indices],
         feature_strides=[info[i]["reduction"] for i in indices],
+        family=family,
+        dynet_reduction=dynet_reduction,
     )
 
 
-def _register(name: str, timm_name: str, rules, vit: bool = False) -> None:
+def _register(name: str, timm_name: str, family: str, vit: bool = False) -> None:
     def build(num_classes: int = 1000, image_size: int = 224, drop_rate=None, drop_path_rate=None) -> Backbone:
-        return _timm_backbone(
+        return timm_backbone(
             name,
             timm_name,
-            rules,
+            family,
             num_classes=num_classes,
             image_size=image_size,
             vit=vit,
@@ -100,12 +102,15 @@ def _register(name: str, timm_name: str, rules, vit: bool = False) -> None:
     BACKBONES.register(name)(build)
 
 
+FAMILY_RULES.update(resnet=RESNET_RULES, mobilenetv2=MOBILENET_RULES, mobilenetv3=MOBILENET_RULES,
+                    convnext=CONVNEXT_RULES, deit=DEIT_RULES)
+
 for _name in ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "resnet152"):
-    _register(_name, _name, RESNET_RULES)
-_register("mobilenetv2_100", "mobilenetv2_100", MOBILENET_RULES)
-_register("mobilenetv2_050", "mobilenetv2_050", MOBILENET_RULES)
-_register("mobilenetv3_small", "mobilenetv3_small_100", MOBILENET_RULES)
-_register("mobilenetv3_large", "mobilenetv3_large_100", MOBILENET_RULES)
-_register("convnext_tiny", "convnext_tiny", CONVNEXT_RULES)
-_register("deit_tiny", "deit_tiny_patch16_224", DEIT_RULES, vit=True)
-_register("deit_small", "deit_small_patch16_224", DEIT_RULES, vit=True)
+    _register(_name, _name, "resnet")
+_register("mobilenetv2_100", "mobilenetv2_100", "mobilenetv2")
+_register("mobilenetv2_050", "mobilenetv2_050", "mobilenetv2")
+_register("mobilenetv3_small", "mobilenetv3_small_100", "mobilenetv3")
+_register("mobilenetv3_large", "mobilenetv3_large_100", "mobilenetv3")
+_register("convnext_tiny", "convnext_tiny", "convnext")
+_register("deit_tiny", "deit_tiny_patch16_224", "deit", vit=True)
+_register("deit_small", "deit_small_patch16_224", "deit", vit=True)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import default_collate
 
-from dynconv.data.image_folder import CorruptSample
+from dynconv.data.images import CorruptSample
 
 __all__ = ["collate_skip_corrupt", "split_corrupt"]
 

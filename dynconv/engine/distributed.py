@@ -25,14 +25,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def env_rank() -> int:
-    """This process's global rank before the process group exists (0 when not distributed)."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ and (key != "SLURM_PROCID" or "SUBMITIT_EXECUTOR" in os.environ):
-            return int(os.environ[key])
-    return 0
-
-
 def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
     """Join the process group if launched by torchrun or submitit; pick the device for this rank."""
     if "SUBMITIT_EXECUTOR" in os.environ and "RANK" not in os.environ:
@@ -81,8 +73,3 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

@@ -78,6 +78,7 @@ class Trainer:
         self.epoch_loss = float("nan")
         self.metrics: dict[str, float] = {}
         self.best_metrics: dict[str, float] = {}
+        self.is_best = False  # whether the last evaluation set a new best (`improves`); best.pt follows it
         self.scalars: dict[str, float] = {}  # per-step extras for the loggers (operator temperatures, ...)
         self.loss_terms: dict[str, torch.Tensor] = {}  # a task's loss components (detection), on the device
         self.skipped_images: list[str] = []
@@ -112,6 +113,7 @@ class Trainer:
             # A batch-sampler loader (detection's aspect-ratio groups) has no batch_size of its own.
             batch_size = self.train_loader.batch_size or self.train_sampler.batch_size
             self.train_sampler.set_start(self.batches_done * batch_size)
+            self.is_best = False  # until this epoch's evaluation (if any) says otherwise
             self._call("before_epoch")
             self._run_epoch()
             if self.stop_reason:
@@ -183,10 +185,16 @@ class Trainer:
         model.train()
         return metrics
 
+    def improves(self, metrics: dict[str, float]) -> bool:
+        """The one rule for "best": the task's primary metric strictly above the best so far, so on a tie the
+        earlier epoch stays best (in metrics.json, the final JSON and best.pt alike)."""
+        key = self.task.primary_metric
+        return metrics.get(key, float("-inf")) > self.best_metrics.get(key, float("-inf"))
+
     def record_eval(self, metrics: dict[str, float]) -> None:
         self.metrics = {**metrics, "epoch": self.epoch + 1, "train_loss": self.epoch_loss}
-        key = self.task.primary_metric
-        if metrics.get(key, float("-inf")) >= self.best_metrics.get(key, float("-inf")):
+        self.is_best = self.improves(metrics)
+        if self.is_best:
             self.best_metrics = dict(self.metrics)
         self.log.info("epoch %d/%d: %s", self.epoch + 1, self.epochs,
                       " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()))

@@ -4,7 +4,7 @@ Routing r(x) = sigmoid(FC(GAP(x))) (the paper's Eq. 2): one routing function per
 or one per block computed from the block's input and shared by the block's CondConv layers
 (`op.routing=block`), as timm's EfficientNet-CondConv blocks do (its `CondConv2d.forward(x, routing_weights)`
 takes the block's routing); the block-level routing lives in `Backbone.shared_inputs` (see
-`dynconv.ops.shared_input`). In the paper's
+`dynconv.layers.shared_input`). In the paper's
 formulation the experts are mixed into one per-sample kernel, so the convolution costs what a static one
 does, plus the mixing ((B x n) @ (n x O*C/g*k*k)) and the routing FC: that is what MAC counting reports.
 `mixture_conv2d` may compute the same result by mixing outputs when that is cheaper for the shape.
@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dynconv.ops.base import OPERATORS, LayerInfo, Operator, OperatorConfigError, require_positive_int
-from dynconv.ops.kernel_bank import KernelBankConv2d, conv_geometry
-from dynconv.ops.per_sample_conv import mixture_conv2d
-from dynconv.ops.shared_input import attach_shared_inputs, link_shared
+from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
+from dynconv.layers.kernel_bank import KernelBankConv2d, conv_geometry
+from dynconv.functional.mixture import mixture_conv2d
+from dynconv.layers.shared_input import attach_shared_inputs, link_shared
 
 ROUTING_SCOPES = ("layer", "block")
 
@@ -54,11 +54,8 @@ class CondConvOperator(Operator):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.experts = require_positive_int(self.cfg, "experts", self.name)
-        self.routing = self.cfg.get("routing", "layer")
-        if self.routing not in ROUTING_SCOPES:
-            raise OperatorConfigError(f"op.routing={self.routing!r} is invalid for op=condconv: allowed values are "
-                                      f"{', '.join(ROUTING_SCOPES)}")
+        self.experts = self.knobs.integer("experts")
+        self.routing = self.knobs.choice("routing", ROUTING_SCOPES, default="layer")
 
     def build(self, layer: LayerInfo) -> nn.Module:
         return CondConv2d(**conv_geometry(layer.module), bias=layer.module.bias is not None, experts=self.experts,

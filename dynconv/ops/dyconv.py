@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dynconv.ops.base import OPERATORS, LayerInfo, Operator, require_positive_int, require_positive_number
-from dynconv.ops.kernel_bank import KernelBankConv2d, conv_geometry
-from dynconv.ops.per_sample_conv import mixture_conv2d
-from dynconv.ops.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
+from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
+from dynconv.layers.kernel_bank import KernelBankConv2d, conv_geometry
+from dynconv.functional.mixture import mixture_conv2d
+from dynconv.layers.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
 
 
 class KernelAttention(TemperatureMixin, nn.Module):
@@ -71,9 +71,9 @@ class DyConvOperator(Operator):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.kernels = require_positive_int(self.cfg, "kernels", self.name)
-        self.reduction = require_positive_number(self.cfg, "reduction", self.name)
-        self.schedule = read_temperature_schedule(self.cfg, self.name)
+        self.kernels = self.knobs.integer("kernels")
+        self.reduction = self.knobs.number("reduction", 0)
+        self.schedule = read_temperature_schedule(self.knobs)
 
     def build(self, layer: LayerInfo) -> nn.Module:
         return DyConv2d(**conv_geometry(layer.module), bias=layer.module.bias is not None, kernels=self.kernels,

@@ -46,24 +46,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynconv.ops.base import OPERATORS, LayerInfo, Operator, require_positive_int, require_positive_number
-from dynconv.ops.kernel_bank import KernelBankConv2d, conv_geometry
-from dynconv.ops.per_sample_conv import mixture_conv2d
-from dynconv.ops.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
-
-
-class BatchSafeBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d that, in train mode, normalises a batch of one sample with its running statistics.
-
-    Batches of two or more are normalised (and update the running statistics) exactly as nn.BatchNorm1d.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] == 1 and self.track_running_stats:
-            # Batch statistics of one sample are degenerate (nn.BatchNorm1d raises); use the running ones
-            # and leave them untouched (a single sample would bias them).
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return super().forward(x)
+from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
+from dynconv.functional.mixture import mixture_conv2d
+from dynconv.layers.batch_safe_norm import BatchSafeBatchNorm1d
+from dynconv.layers.kernel_bank import KernelBankConv2d, conv_geometry
+from dynconv.layers.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
 
 
 class OmniAttention(TemperatureMixin, nn.Module):
@@ -144,10 +131,10 @@ class ODConvOperator(Operator):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.kernels = require_positive_int(self.cfg, "kernels", self.name)
-        self.reduction = require_positive_number(self.cfg, "reduction", self.name)
-        self.min_hidden = require_positive_int(self.cfg, "min_hidden", self.name)
-        self.schedule = read_temperature_schedule(self.cfg, self.name)
+        self.kernels = self.knobs.integer("kernels")
+        self.reduction = self.knobs.number("reduction", 0)
+        self.min_hidden = self.knobs.integer("min_hidden")
+        self.schedule = read_temperature_schedule(self.knobs)
 
     def refuse(self, layer: LayerInfo) -> str | None:
         reason = super().refuse(layer)

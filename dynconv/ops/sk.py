@@ -24,7 +24,7 @@ attention width with `make_divisible(C / 16, 8)` instead of the paper's L = 32, 
 exported by `timm.layers` either, so it cannot be reused alone). So `SKConv2d` keeps each path's
 convolution + BN (the paper's BN, which puts the paths on one scale before they are summed and compared), drops
 the paths' ReLU, and normalises the attention with ODConv's `BatchSafeBatchNorm1d` (a batch of one in train
-mode uses the running statistics; see dynconv/ops/odconv.py). A bias of the replaced layer is not kept: the
+mode uses the running statistics; see dynconv/layers/batch_safe_norm.py). A bias of the replaced layer is not kept: the
 paths' BN shifts take its place.
 
 Conversion: every k x k convolution (k > 1) with role conv or depthwise: ResNet's 3x3s, the depthwise 3x3 of
@@ -47,9 +47,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from dynconv.ops.base import (OPERATORS, LayerInfo, Operator, OperatorConfigError, require_positive_int,
-                              require_positive_number)
-from dynconv.ops.odconv import BatchSafeBatchNorm1d
+from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator, OperatorConfigError
+from dynconv.knobs import Knobs, is_int
+from dynconv.layers.batch_safe_norm import BatchSafeBatchNorm1d
 
 DILATIONS_ALLOWED = "lists of at least 2 distinct integers >= 1"
 
@@ -103,14 +103,12 @@ class SKConv2d(nn.Module):
         return sum(a[:, i, :, None, None] * u for i, u in enumerate(paths))
 
 
-def read_dilations(cfg, op_name: str) -> tuple[int, ...]:
-    value = cfg.get("dilations")
-    ok = (isinstance(value, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
-                                                   for d in value)
+def read_dilations(knobs: Knobs) -> tuple[int, ...]:
+    value = knobs.get("dilations")
+    ok = (isinstance(value, (list, tuple)) and all(is_int(d) and d >= 1 for d in value)
           and len(value) >= 2 and len(set(value)) == len(value))
     if not ok:
-        raise OperatorConfigError(f"op.dilations={value!r} is invalid for op={op_name}: allowed values are "
-                                  f"{DILATIONS_ALLOWED}")
+        raise knobs.fail("dilations", value, DILATIONS_ALLOWED)
     return tuple(value)
 
 
@@ -124,9 +122,9 @@ class SKOperator(Operator):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.dilations = read_dilations(self.cfg, self.name)
-        self.reduction = require_positive_number(self.cfg, "reduction", self.name)
-        self.min_hidden = require_positive_int(self.cfg, "min_hidden", self.name)
+        self.dilations = read_dilations(self.knobs)
+        self.reduction = self.knobs.number("reduction", 0)
+        self.min_hidden = self.knobs.integer("min_hidden")
 
     def refuse(self, layer: LayerInfo) -> str | None:
         reason = super().refuse(layer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from dynconv.ops.base import OPERATORS, LayerInfo, Operator
+from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
 
 
 @OPERATORS.register("static")

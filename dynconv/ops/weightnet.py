@@ -41,12 +41,11 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from dynconv.ops.base import (OPERATORS, LayerInfo, Operator, OperatorConfigError, require_positive_int,
-                               require_positive_number)
-from dynconv.ops.kernel_bank import conv_geometry
-from dynconv.ops import per_sample_conv
-from dynconv.ops.per_sample_conv import per_sample_conv2d
-from dynconv.ops.shared_input import attach_shared_inputs, link_shared
+from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator, OperatorConfigError
+from dynconv.layers.kernel_bank import conv_geometry
+from dynconv.functional import selector
+from dynconv.functional.per_sample import per_sample_conv2d
+from dynconv.layers.shared_input import attach_shared_inputs, link_shared
 
 GAP_SCOPES = ("layer", "block", "stage")
 
@@ -118,7 +117,7 @@ class WeightNetConv2d(nn.Module):
         """The grouped FC: (B, M*C_out) -> per-sample kernels (B, C_out, C_in/g, k, k)."""
         batch = alpha.shape[0]
         grouped = alpha.view(batch, self.wn_groups, self.lam)
-        if self.lam == 1 and per_sample_conv._canonical_depth == 0:
+        if self.lam == 1 and not selector.is_counting_macs():
             # One input per group: a broadcast product (SE on the kernel), cheaper than a batched matmul with
             # an inner dimension of 1. MAC counting takes the matmul, which FlopCounterMode sees (it does not
             # count elementwise products): the kernel generation costs B * lambda * |W| MACs (Sec. 3.3).
@@ -150,15 +149,12 @@ class WeightNetOperator(Operator):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.lam = require_positive_int(self.cfg, "lam", self.name)
+        self.lam = self.knobs.integer("lam")
         # Fractional G (down to 1/C_out, the CondConv end) is kept exact for the per-layer integrality check.
-        self.G = Fraction(require_positive_number(self.cfg, "G", self.name)).limit_denominator(4096)
-        self.reduction = require_positive_int(self.cfg, "reduction", self.name)
-        self.min_hidden = require_positive_int(self.cfg, "min_hidden", self.name)
-        self.gap = self.cfg.get("gap")
-        if self.gap not in GAP_SCOPES:
-            raise OperatorConfigError(
-                f"op.gap={self.gap!r} is invalid for op=weightnet: allowed values are {', '.join(GAP_SCOPES)}")
+        self.G = Fraction(self.knobs.number("G", 0)).limit_denominator(4096)
+        self.reduction = self.knobs.integer("reduction")
+        self.min_hidden = self.knobs.integer("min_hidden")
+        self.gap = self.knobs.choice("gap", GAP_SCOPES)
 
     def grouping(self, layer: LayerInfo) -> tuple[int, int]:
         """(M*C_out, G*C_out) for the layer; OperatorConfigError naming the layer when G does not fit it."""

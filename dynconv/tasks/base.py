@@ -1,7 +1,9 @@
 """The task seam: what turns a converted backbone into a trainable model and scores it.
 
-A task owns its data, its head, its loss, its batch preparation and its evaluation; the engine only calls these.
-Classification (top-1/top-5) and detection (RetinaNet, Mask R-CNN: box and mask AP) register into TASKS.
+A task owns its data, its head, its loss, its batch preparation, its evaluation and its profile; the engine and
+the scripts only call these. Each task is one folder of `dynconv/tasks/` (classification: top-1/top-5;
+detection: RetinaNet and Mask R-CNN, box and mask AP) that registers its tasks in TASKS and its datasets in
+`dynconv.data.DATASETS`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ class Task:
     name = "base"
     primary_metric = "top1"  # the metric that picks best.pt (higher is better)
     find_unused_parameters = False  # DDP: whether some trainable parameters may get no gradient in a step
-    data_names: tuple[str, ...] = ()  # the data.name values this task can train on
+    data_kind = "classification"  # the `DatasetSpec.kind` of the datasets this task can train on
 
     def __init__(self, cfg: Mapping[str, Any], recipe: Mapping[str, Any], num_classes: int, data: Any = None):
         self.cfg = cfg
         self.recipe = recipe
         self.num_classes = num_classes
         self.data = data  # what build_data returned (the evaluator of a detection task needs its ground truth)
+
+    @classmethod
+    def data_names(cls) -> tuple[str, ...]:
+        """The data.name values this task can train on."""
+        from dynconv.data.datasets import names_for
+
+        return names_for(cls.data_kind)
 
     @staticmethod
     def build_data(data_cfg: Mapping[str, Any], recipe: Mapping[str, Any], *, rank: int, world_size: int, seed: int):
@@ -58,6 +67,14 @@ class Task:
     def result_keys(self) -> list[str]:
         """The metrics that train.py's and eval.py's final JSON line carry."""
         return [self.primary_metric]
+
+    @classmethod
+    def profile(cls, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """scripts/profile.py's report of the configured model: (readable text, the JSON record). By default
+        the backbone as a classifier (params and MACs, trained and folded for inference)."""
+        from dynconv.profiling import profile_backbone
+
+        return profile_backbone(cfg)
 
 
 TASKS: Registry[type[Task]] = Registry("task", "task.name")

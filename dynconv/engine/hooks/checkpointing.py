@@ -1,5 +1,6 @@
-"""Atomic checkpoints: `checkpoints/last.pt` after every epoch and on preemption, `best.pt` on a new best of the
-task's primary metric (top-1, or box AP for detection)."""
+"""Atomic checkpoints: `checkpoints/last.pt` after every epoch and on preemption, `best.pt` whenever the epoch's
+evaluation set a new best of the task's primary metric (top-1, or box AP for detection; `Trainer.improves` is
+the one rule)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ class CheckpointHook(Hook):
     def __init__(self, directory: Path, save_best: bool = True):
         self.directory = Path(directory)
         self.save_best = save_best
-        self.best_value = float("-inf")
 
     @property
     def last_path(self) -> Path:
@@ -32,14 +32,5 @@ class CheckpointHook(Hook):
             return
         payload = trainer.checkpoint_payload(epochs_done=trainer.epoch + 1, batches_done=0)
         atomic_save(payload, self.last_path)
-        value = trainer.metrics.get(trainer.task.primary_metric)
-        if self.save_best and value is not None and value > self.best_value:
-            self.best_value = value
+        if self.save_best and trainer.is_best:
             atomic_save(payload, self.directory / "best.pt")
-
-    def state_dict(self):
-        return {"best": self.best_value}
-
-    def load_state_dict(self, state):
-        # "best_top1": checkpoints written before detection tasks existed.
-        self.best_value = state.get("best", state.get("best_top1", self.best_value))

@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynconv.ops import algorithm_choice as choice
-from dynconv.ops import per_sample_conv
+from dynconv.functional import selector
+from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 from dynconv.ops.kw.plan import LayerCells
-from dynconv.ops.per_sample_conv import conv_output_size, per_sample_conv2d
 
 # Cost model (policy "model", torch.compile, batch 1): "cells" below this many output positions. Measured on
 # 2 CPU cores, ResNet18 at batch 16: "cells" wins at 7x7 (2.4x faster in training), loses at 14x14.
@@ -79,30 +78,51 @@ ALGORITHMS = {"assemble": by_assembling, "cells": by_cells}
 
 
 def apply_warehouse_conv(x, alpha, cells, bias, layer) -> torch.Tensor:
-    """The layer's output by the algorithm `algorithm_choice` picks for this shape (measured once by default)."""
-    return ALGORITHMS[_choose(x, alpha, cells, bias, layer)](x, alpha, cells, bias, layer)
+    """The layer's output by the algorithm the selector picks for this shape (measured once by default)."""
+    algorithm = selector.select(WAREHOUSE_CONV, (x, alpha, cells, bias), layer)
+    return ALGORITHMS[algorithm](x, alpha, cells, bias, layer)
 
 
-def _choose(x, alpha, cells, bias, layer) -> str:
-    if layer.groups != 1:
-        return "assemble"
-    out_h, out_w = conv_output_size(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
-    model = "cells" if x.shape[0] > 1 and out_h * out_w <= CELLS_MAX_OUTPUT_POSITIONS else "assemble"
-    policy = choice.get_policy()
-    if policy in choice.WAREHOUSE_ALGORITHMS:
-        return policy
-    if policy in choice.PER_SAMPLE_ALGORITHMS:
-        return "assemble"  # so that the forced per-sample algorithm is what runs
-    if per_sample_conv._canonical_depth > 0:
-        return "assemble"  # MAC counting: the paper's formulation
-    if policy != "measure" or x.shape[0] == 1 or not choice.measuring_allowed(x, cells):
-        return model
-    macs = x.shape[0] * out_h * out_w * layer.in_channels * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
-    if not choice.worth_measuring(macs):
-        return model
-    names = list(ALGORITHMS) if out_h * out_w <= CELLS_MEASURE_MAX_POSITIONS else ["assemble"]
-    candidates = {name: (lambda fn: lambda *t: fn(*t, layer))(ALGORITHMS[name]) for name in names}
-    key = choice.shape_key("kw_conv2d", x, cells, layer.stride, layer.padding, layer.dilation, layer.groups,
-                           f"m{alpha.shape[1]}", "bias" if bias is not None else "",
-                           needs_grad=tuple(t is not None and t.requires_grad for t in (x, alpha, cells, bias)))
-    return choice.choose(key, candidates, (x, alpha, cells, bias), model)
+class WarehouseRoutine(selector.Routine):
+    """A KernelWarehouse convolution for the selector; tensors = (x, alpha, cells, bias), params = the layer
+    (its geometry and partition). "assemble" is the paper's Algorithm 1 (what MAC counting runs); a forced
+    per-sample algorithm needs assembled kernels to run on."""
+
+    name = "kw_conv2d"
+    algorithms = selector.WAREHOUSE_ALGORITHMS
+    canonical = "assemble"
+    forced = {**{name: name for name in selector.WAREHOUSE_ALGORITHMS},
+              **{name: "assemble" for name in selector.PER_SAMPLE_ALGORITHMS}}
+
+    def applicable(self, algorithm, tensors, layer):
+        return algorithm == "assemble" or layer.groups == 1
+
+    def cost_model(self, tensors, layer):
+        x = tensors[0]
+        out_h, out_w = conv_output_size(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        few_positions = out_h * out_w <= CELLS_MAX_OUTPUT_POSITIONS
+        return "cells" if layer.groups == 1 and x.shape[0] > 1 and few_positions else "assemble"
+
+    def macs(self, tensors, layer):
+        x = tensors[0]
+        out_h, out_w = conv_output_size(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        kh, kw = layer.kernel_size
+        return x.shape[0] * out_h * out_w * layer.in_channels * layer.out_channels * kh * kw
+
+    def timed(self, tensors, layer):
+        out_h, out_w = conv_output_size(tensors[0], layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        if layer.groups == 1 and out_h * out_w <= CELLS_MEASURE_MAX_POSITIONS:
+            return list(ALGORITHMS)
+        return ["assemble"]
+
+    def shape_key(self, tensors, layer):
+        x, alpha, cells, bias = tensors
+        flags = (f"m{alpha.shape[1]}",) + (("bias",) if bias is not None else ())
+        return selector.conv_shape_key(x, cells.shape, layer.stride, layer.padding, layer.dilation, layer.groups,
+                                       flags)
+
+    def run(self, algorithm, tensors, layer):
+        return ALGORITHMS[algorithm](*tensors, layer)
+
+
+WAREHOUSE_CONV = WarehouseRoutine()

@@ -36,11 +36,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dynconv.ops.odconv import BatchSafeBatchNorm1d
-from dynconv.ops.temperature import LinearTemperature
+from dynconv.layers.batch_safe_norm import BatchSafeBatchNorm1d
+from dynconv.layers.temperature import LinearTemperature
 
 ATTENTION_FUNCTIONS = ("caf", "softmax", "sigmoid", "relu_norm")
-NORMS = ("batch", "layer")
 
 
 def attention_hidden(in_channels: int, reduction: float, minimum: int = 16) -> int:

@@ -72,7 +72,6 @@ class KWConv2d(_KWLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha, scales = self.attention(x.mean(dim=(2, 3)))
-        batch = x.shape[0]
         if scales is not None:  # KW*: ODConv's channel, spatial and filter attentions
             x = x * scales["channel"][:, :, None, None]
             if "spatial" in scales:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
-from dynconv.ops.base import LayerInfo, OperatorConfigError
+from dynconv.conversion.operator import LayerInfo, OperatorConfigError
 from dynconv.ops.kw.plan import Assignment
 
 HALF = Fraction(1, 2)
@@ -55,10 +55,6 @@ class Layout:
 
 def _uniform(budget: Fraction, reduction: float = 0.0625, key: str = "") -> Assignment:
     return Assignment(key, budget, HALF if budget < 1 else Fraction(1), reduction=reduction)
-
-
-def _with_key(assignment: Assignment, key: str) -> Assignment:
-    return Assignment(key, assignment.budget, assignment.cell_ratio, assignment.in_cell_ratio, assignment.reduction)
 
 
 # ----------------------------------------------------------------------------------------------- ResNet
@@ -229,22 +225,19 @@ def _budgets(*values) -> tuple[Fraction, ...]:
     return tuple(Fraction(v) for v in values)
 
 
+# By the family a backbone declares (`Backbone.family`): ResNet, ResNeXt, Wide-ResNet and Dy-ResNet share the
+# ResNet layout; MobileNetV3, ShuffleNetV2, VGG and the Dy-mobile/-shuffle networks take the generic one.
 LAYOUTS = {
     "resnet": Layout("resnet", resnet_layout, "batch", nonlocal_basis=_resnet_basis),
     "mobilenetv2": Layout("mobilenetv2", mobilenetv2_layout, "batch", budgets=_budgets("1/2", 1, 2, 4)),
     "convnext": Layout("convnext", convnext_layout, "layer"),
     "deit": Layout("deit", deit_layout, "layer"),
-    "generic": Layout("generic", generic_layout, "batch"),
 }
-_PREFIXES = (("resnet", "resnet"), ("resnext", "resnet"), ("wide_resnet", "resnet"), ("mobilenetv2", "mobilenetv2"),
-             ("convnext", "convnext"), ("deit", "deit"))
+GENERIC = Layout("generic", generic_layout, "batch")
 
 
-def layout_for(backbone_name: str) -> Layout:
-    for prefix, family in _PREFIXES:
-        if backbone_name.startswith(prefix):
-            return LAYOUTS[family]
-    return LAYOUTS["generic"]
+def layout_for(family: str) -> Layout:
+    return LAYOUTS.get(family, GENERIC)
 
 
 def check_budget(layout: Layout, budget: Fraction, backbone_name: str) -> None:

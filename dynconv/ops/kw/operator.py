@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from fractions import Fraction
 
 import torch
 import torch.nn as nn
 
-from dynconv.ops.base import OPERATORS, LayerInfo, Operator, OperatorConfigError
-from dynconv.ops.kernel_bank import conv_geometry
+from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator, OperatorConfigError
+from dynconv.layers.kernel_bank import conv_geometry
 from dynconv.ops.kw.attention import ATTENTION_FUNCTIONS, KWAttention
 from dynconv.ops.kw.layers import KWConv2d, KWLinear, SplitQKV, Warehouse, layer_fan_out, link_warehouse
 from dynconv.ops.kw.layouts import check_budget, layout_for
@@ -29,32 +28,6 @@ from dynconv.ops.kw.plan import (INIT_STRATEGIES, Assignment, KernelShape, Layer
 
 SHARING = ("stage", "layer", "none")
 SHARING_DIMS = ("all", "same")
-
-
-def _choice(cfg, key: str, allowed: tuple[str, ...]) -> str:
-    value = cfg.get(key)
-    if value not in allowed:
-        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op=kw: allowed values are {', '.join(allowed)}")
-    return value
-
-
-def _flag(cfg, key: str) -> bool:
-    value = cfg.get(key)
-    if not isinstance(value, bool):
-        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op=kw: allowed values are true, false")
-    return value
-
-
-def _optional_fraction(cfg, key: str, low: float, high: float, low_open: bool) -> float | None:
-    value = cfg.get(key)
-    if value is None:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise OperatorConfigError(f"op.{key}={value!r} is invalid for op=kw: allowed values are null or a number in {bound}")
-    return float(value)
 
 
 def is_fused_qkv(layer: LayerInfo) -> bool:
@@ -76,26 +49,23 @@ class KernelWarehouseOperator(Operator):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.budget = parse_budget(self.cfg.get("b"))
-        self.spatial_partition = _flag(self.cfg, "partition")
-        self.sharing = _choice(self.cfg, "sharing", SHARING)
-        self.sharing_dims = _choice(self.cfg, "sharing_dims", SHARING_DIMS)
-        self.function = _choice(self.cfg, "attention", ATTENTION_FUNCTIONS)
-        self.init = _choice(self.cfg, "init", INIT_STRATEGIES)
-        self.omni = _flag(self.cfg, "omni")
+        knobs = self.knobs
+        self.spatial_partition = knobs.flag("partition")
+        self.sharing = knobs.choice("sharing", SHARING)
+        self.sharing_dims = knobs.choice("sharing_dims", SHARING_DIMS)
+        self.function = knobs.choice("attention", ATTENTION_FUNCTIONS)
+        self.init = knobs.choice("init", INIT_STRATEGIES)
+        self.omni = knobs.flag("omni")
         if self.omni and not self.spatial_partition:
             raise OperatorConfigError("op.omni=true (KW*) is invalid with op.partition=false: its spatial attention "
                                       "scales kernel taps, which needs spatial cells; allowed: op.partition=true")
-        tau_epochs = self.cfg.get("tau_epochs")
-        if not isinstance(tau_epochs, (int, float)) or isinstance(tau_epochs, bool) or tau_epochs < 0:
-            raise OperatorConfigError(f"op.tau_epochs={tau_epochs!r} is invalid for op=kw: allowed values are "
-                                      "numbers >= 0 (0: tau = 0 from the first step)")
-        # tau falls 1 -> 0 (Eq. 4); LinearTemperature wants end > 0, so the schedule runs on 1 + tau.
-        self.schedule = _ShiftedSchedule(float(tau_epochs))
-        self.fixed_tau = _optional_fraction(self.cfg, "tau", 0.0, 1.0, low_open=False)
+        tau_epochs = knobs.number("tau_epochs", 0, inclusive=True, note="0: tau = 0 from the first step")
+        self.schedule = _ShiftedSchedule(tau_epochs)
+        self.fixed_tau = knobs.number_in("tau", 0, 1, nullable=True)
         if self.init == "none":
             self.fixed_tau = 0.0  # no beta: tau would only scale the attentions down (Table 9's "without")
-        self.reduction = _optional_fraction(self.cfg, "reduction", 0.0, 1.0, low_open=True)
-        self.nonlocal_basis = _optional_fraction(self.cfg, "nonlocal_basis", 0.0, 1.0, low_open=True)
+        self.reduction = knobs.number_in("reduction", 0, 1, low_open=True, nullable=True)
+        self.nonlocal_basis = knobs.number_in("nonlocal_basis", 0, 1, low_open=True, nullable=True)
         if self.sharing == "none" and (self.budget < 1 or self.budget.denominator != 1):
             raise OperatorConfigError(f"op.sharing=none needs a whole budget (every mixture owns b cells): op.b="
                                       f"{self.budget} is invalid with it; allowed values are 1, 2, 4")
@@ -106,7 +76,7 @@ class KernelWarehouseOperator(Operator):
     # ------------------------------------------------------------------------------------------- planning
 
     def prepare(self, backbone: nn.Module, layers: list[LayerInfo]) -> None:
-        layout = layout_for(backbone.name)
+        layout = layout_for(backbone.family)
         check_budget(layout, self.budget, backbone.name)
         self.norm = layout.norm
         candidates = [layer for layer in layers if Operator.refuse(self, layer) is None]
@@ -124,8 +94,6 @@ class KernelWarehouseOperator(Operator):
                 decision = Assignment(decision.warehouse, decision.budget, decision.cell_ratio,
                                       decision.in_cell_ratio, self.reduction)
             groups[self._warehouse_key(layer, decision)].append((layer, decision))
-        if not hasattr(backbone, "warehouses"):
-            backbone.warehouses = nn.ModuleDict()
         for key, members in groups.items():
             spec = partition(key, [kernel_shape_of(layer) for layer, _ in members], members[0][1],
                              self.spatial_partition)

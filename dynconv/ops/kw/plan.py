@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from dynconv.ops.base import OperatorConfigError
+from dynconv.conversion.operator import OperatorConfigError
 
 INIT_STRATEGIES = ("one_to_one", "all_to_one", "many_to_one", "none")
 

@@ -1,0 +1,54 @@
+"""The one conversion path: backbone layers -> the configured operator.
+
+Every operator goes through here, so every operator works on every backbone: the backbone says where a
+layer sits (`Backbone.place`), the operator says whether it takes it (`Operator.refuse`) and builds the
+replacement (`Operator.build`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch.nn as nn
+
+from dynconv.backbones import Backbone
+from dynconv.conversion.layer import Decision, LayerInfo
+from dynconv.conversion.operator import Operator
+
+
+def describe_layers(backbone: Backbone) -> list[LayerInfo]:
+    """Every nn.Conv2d / nn.Linear of the backbone, in registration order, with its place."""
+    layers = []
+    for name, module in backbone.net.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            place = backbone.place(name, module)
+            layers.append(LayerInfo(name, module, place.role, place.stage, place.block, len(layers)))
+    return layers
+
+
+def convert(backbone: Backbone, operator: Operator) -> list[Decision]:
+    """Replace, in place, every layer the operator accepts; return one decision per layer."""
+    decisions = []
+    layers = describe_layers(backbone)
+    operator.prepare(backbone, layers)
+    for layer in layers:
+        reason = operator.refuse(layer)
+        if reason is None:
+            parent_name, _, child = layer.name.rpartition(".")
+            parent = backbone.net.get_submodule(parent_name) if parent_name else backbone.net
+            setattr(parent, child, operator.build(layer))
+        decisions.append(Decision(layer, reason is None, reason or ""))
+    operator.finalize(backbone, decisions)
+    return decisions
+
+
+def summarize(decisions: list[Decision]) -> str:
+    """A short human-readable account: how many layers were converted, and why the others were not."""
+    converted = sum(d.converted for d in decisions)
+    lines = [f"converted {converted} of {len(decisions)} conv/linear layers"]
+    reasons = Counter(d.reason for d in decisions if not d.converted)
+    for reason, count in reasons.most_common():
+        names = [d.layer.name for d in decisions if not d.converted and d.reason == reason]
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        lines.append(f"  static ({count}): {reason} [{shown}]")
+    return "\n".join(lines)

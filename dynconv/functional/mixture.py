@@ -1,0 +1,145 @@
+"""Mixture convolutions: n static kernels combined per sample, W_b = t_b . sum_i c_bi W_i (CondConv, DY-Conv,
+ODConv), with three exact algorithms (the last two in `mixture_algorithms.py`):
+
+- "kernels": mix the kernels, then one `per_sample_conv2d` (the papers' formulation: what MAC counting runs);
+- "outputs": sum_i c_bi (W_i * x) = (sum_i c_bi W_i) * x by linearity: n static convolutions run as one and
+  their outputs are mixed; never materialises B kernels (not with a spatial attention, which is per tap);
+- "fused": im2col and a blocked "mix a block of kernels, multiply it at once" matmul: the kernels'
+  formulation without writing B kernels to memory; wins on CPU where kernels are large (late layers).
+
+Which one runs is `dynconv.functional.selector`'s decision (measured once per layer shape class by default).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from dynconv.functional import mixture_algorithms as algorithms
+from dynconv.functional import selector
+from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
+
+MixtureMode = Literal["auto", "kernels", "outputs", "fused"]
+MODES = ("auto",) + selector.MIXTURE_MODES
+# Cost model: one element of a materialised per-sample kernel costs about as much as this many
+# multiply-accumulates of a static convolution (it is written, read once per sample by a low-intensity matmul,
+# and gets its own gradient). Fitted on 2 CPU cores, ResNet18 3x3 layers, n = 4 and 8: mixing outputs wins below
+# roughly 8x8 outputs at batch 64, mixing kernels above 7x7 at n = 8. DyNet's fusion cost model uses it too.
+KERNEL_ELEMENT_COST = 200
+
+
+def mixture_conv2d(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    coefficients: torch.Tensor | None,
+    expert_bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    mode: MixtureMode = "auto",
+    *,
+    spatial: torch.Tensor | None = None,
+    channel: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y_b = (t_b . sum_i c_bi W_i) * x_b + sum_i c_bi b_i for n kernels W (n, O, C/g, kh, kw), c (B, n).
+
+    t_b, optional, scales each sample's mixed kernel elementwise: `spatial` (B, kh, kw) per kernel position
+    and `channel` (B, C) per input channel (ODConv's spatial and channel attentions; the channel one equals
+    scaling the input, x_b . channel_b, which an algorithm may do instead). `coefficients` None means n = 1:
+    the one kernel, shared. "auto": the selector decides.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mixture mode {mode!r}; allowed: {', '.join(MODES)}")
+    if coefficients is None and experts.shape[0] != 1:
+        raise ValueError(f"coefficients may be None only for a single kernel, got {experts.shape[0]}")
+    tensors = (x, experts, coefficients, expert_bias, spatial, channel)
+    geometry = (stride, padding, dilation, groups)
+    if mode == "auto":
+        mode = selector.select(MIXTURE, tensors, geometry)
+    elif mode == "outputs" and spatial is not None:
+        raise ValueError("mode='outputs' cannot apply a spatial attention (it scales kernel taps, per sample)")
+    elif mode == "fused" and groups != 1:
+        raise ValueError("mode='fused' handles groups=1 only")
+    return _run(mode, tensors, geometry)
+
+
+def _run(mode: str, tensors, geometry) -> torch.Tensor:
+    if mode == "kernels":
+        return _by_kernels(*tensors, *geometry)
+    if mode == "outputs":
+        return algorithms.by_outputs(*tensors, *geometry)
+    x, experts = tensors[:2]
+    out_size = conv_output_size(x, experts.shape[-2:], *geometry[:3])
+    return algorithms.by_fused(*tensors, *geometry, out_size)
+
+
+class MixtureRoutine(selector.Routine):
+    """`mixture_conv2d` for the selector; tensors = (x, experts, coefficients, bias, spatial, channel),
+    params = (stride, padding, dilation, groups)."""
+
+    name = "mixture_conv2d"
+    algorithms = selector.MIXTURE_MODES
+    canonical = "kernels"
+    # A forced per-sample algorithm needs materialised kernels to run on.
+    forced = {**{mode: mode for mode in selector.MIXTURE_MODES},
+              **{name: "kernels" for name in selector.PER_SAMPLE_ALGORITHMS}}
+
+    def applicable(self, algorithm, tensors, params):
+        x, spatial = tensors[0], tensors[4]
+        if algorithm == "outputs":
+            return spatial is None
+        if algorithm == "fused":
+            # Under autocast the custom autograd function would see mixed dtypes in its backward: leave it out.
+            device = x.device.type
+            return params[3] == 1 and not (device in ("cpu", "cuda") and torch.is_autocast_enabled(device))
+        return True
+
+    def cost_model(self, tensors, params):
+        """Kernels at batch 1 and with a spatial attention; else the cheaper of mixing kernels and outputs."""
+        x, experts, spatial = tensors[0], tensors[1], tensors[4]
+        if x.shape[0] == 1 or spatial is not None:
+            return "kernels"
+        out_h, out_w = conv_output_size(x, experts.shape[-2:], *params[:3])
+        kernel_elements = experts[0].numel()  # O * C/g * kh * kw
+        conv_macs = x.shape[0] * kernel_elements * out_h * out_w
+        mix_kernels = x.shape[0] * kernel_elements * (experts.shape[0] + KERNEL_ELEMENT_COST) + conv_macs
+        return "kernels" if mix_kernels <= experts.shape[0] * conv_macs else "outputs"
+
+    def macs(self, tensors, params):
+        x, experts = tensors[:2]
+        out_h, out_w = conv_output_size(x, experts.shape[-2:], *params[:3])
+        return experts[0].numel() * x.shape[0] * out_h * out_w
+
+    def shape_key(self, tensors, params):
+        x, experts, _, bias, spatial, channel = tensors
+        flags = tuple(name for name, t in (("bias", bias), ("spatial", spatial), ("channel", channel))
+                      if t is not None)
+        return selector.conv_shape_key(x, experts.shape, *params, flags)
+
+    def run(self, algorithm, tensors, params):
+        return _run(algorithm, tensors, params)
+
+
+MIXTURE = MixtureRoutine()
+
+
+def _by_kernels(x, experts, coefficients, expert_bias, spatial, channel, stride, padding, dilation, groups):
+    """The papers' formulation: W_b = t_b . sum_i c_bi W_i materialised, then `per_sample_conv2d`."""
+    batch = x.shape[0]
+    _, out_channels, in_per_group, kh, kw = experts.shape
+    if coefficients is None:
+        kernels = experts[:1]  # n = 1: every sample shares it (broadcast below)
+    else:
+        kernels = (coefficients @ experts.flatten(1)).view(batch, *experts.shape[1:])
+    if channel is not None and spatial is None and x[0].numel() <= kernels[0].numel():
+        # Scaling the input costs a pass over x, scaling the kernels a pass over them: take the smaller. With
+        # a spatial scale the kernels are scaled anyway, and the channel scale rides along for free.
+        x, channel = x * channel[:, :, None, None], None
+    scale = algorithms.tap_scale(spatial, channel, groups, in_per_group, kh, kw)
+    if scale is not None:
+        kernels = kernels.view(-1, groups, out_channels // groups, in_per_group, kh, kw) * scale
+    kernels = kernels.reshape(-1, *experts.shape[1:]).expand(batch, *experts.shape[1:])
+    return per_sample_conv2d(x, kernels, algorithms.mixed_bias(coefficients, expert_bias, batch), stride, padding,
+                             dilation, groups)

@@ -1,0 +1,325 @@
+"""The one algorithm selector: which exact algorithm computes a dynamic layer's convolution.
+
+Every routine with several exact ways to compute the same result describes itself once as a `Routine`
+(`per_sample_conv2d`, `mixture_conv2d`, DyNet's kernel/feature fusion, KernelWarehouse's assemble/cells, and
+any future one) and asks `select(routine, tensors, params)` which algorithm to run. One precedence, first match
+wins:
+
+1. **counting** (`counting_macs()`, what `dynconv.profiling.count_macs` runs under): the routine's papers'
+   formulation (`Routine.canonical`), whatever the policy, so a MAC count never depends on it;
+2. **a forced policy** (DYNCONV_CONV_ALGORITHM=<algorithm>, or `policy(...)`): the algorithm it forces in this
+   routine (`Routine.forced`), where it applies to the call;
+3. **no timing**: policy "model", a forced policy that does not apply here, tracing or torch.compile (timing
+   inside a graph is meaningless), `torch.use_deterministic_algorithms(True)`, a dispatch mode (FlopCounterMode
+   would count every candidate), meta/fake tensors: the routine's cost model;
+4. **batch 1**: the cost model (every routine's model gives its batch-1 algorithm; timing repeated calls at
+   batch 1 measures warm caches, not the network's cold ones);
+5. **the measured cache**: the choice made earlier for this call's key (one key per layer shape class, looked up
+   before any candidate is built; a tuple of plain values, formatted only for reports by `describe`). Only
+   shapes worth timing are ever measured: below `MEASURE_MIN_MACS` the cost model decides, without a key;
+6. a shape seen for the first time: every candidate is timed once on this call's tensors, and the fastest is
+   cached (the cost model if none could run).
+
+Policies: "measure" (the default), "model", or an algorithm name: "folded", "bmm", "loop" (per-sample kernels),
+"kernels", "outputs", "fused" (mixtures), "assemble", "cells" (KernelWarehouse). A forced per-sample algorithm
+also makes mixtures, DyNet and KernelWarehouse materialise their kernels, so the forced algorithm is the one
+that runs. The policy comes from DYNCONV_CONV_ALGORITHM at import, `set_policy`, or the `policy` context
+manager (train.py applies the config's `conv_algorithm` that way and restores the previous policy after the run).
+
+How candidates are timed: one warm call each, then up to `MEASURE_REPEATS` rounds of one timed call per
+candidate, alternating (the minimum counts: noise only ever adds time; a candidate `DROP_FACTOR` times slower
+than the best leaves the rounds early), with a device synchronisation around each on CUDA. The candidates run
+on detached aliases of the call's tensors, so nothing is recorded into the caller's autograd graph and no
+`.grad` is touched. When the call needs gradients the timed call is forward *and* backward: the backward is two
+thirds of a training step and the algorithms differ most there. Measuring makes the first step of a ResNet18 at
+224px, batch 16, cost about seven ordinary steps on 2 CPU cores. Every candidate computes the same result
+(tests/test_per_sample_conv.py), so the choice changes speed only.
+
+The cache is per process (each DDP rank measures for itself; ranks may differ, which is harmless as the
+results agree to rounding) and not locked: two threads measuring the same key at once both store a valid
+choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+PER_SAMPLE_ALGORITHMS = ("folded", "bmm", "loop")
+MIXTURE_MODES = ("kernels", "outputs", "fused")
+WAREHOUSE_ALGORITHMS = ("assemble", "cells")
+POLICIES = ("measure", "model") + PER_SAMPLE_ALGORITHMS + MIXTURE_MODES + WAREHOUSE_ALGORITHMS
+ENV_VAR = "DYNCONV_CONV_ALGORITHM"
+MEASURE_REPEATS = 3
+# After each round, candidates more than this many times slower than the best so far stop being timed: on 2 CPU
+# cores "outputs" and early-layer "fused" lose by 4x or more, and timing them three times only costs.
+DROP_FACTOR = 2.5
+# Below this many multiply-accumulates a convolution takes well under a millisecond: measuring it costs more
+# than any choice could save, and the timings are mostly scheduler noise. The cost model decides there.
+MEASURE_MIN_MACS = 1 << 23
+
+# time.perf_counter, looked up through the module so tests can count (or fake) the timing calls.
+timer = time.perf_counter
+
+Tensors = Sequence["torch.Tensor | None"]
+
+
+class Routine:
+    """One routine's exact algorithms, as the selector sees them.
+
+    `tensors` is the tuple of the call's tensor inputs (None for an absent optional one; the first is the input
+    feature map, the second the weight-like tensor whose device is checked), `params` the rest (geometry,
+    flags); both are passed through unchanged to the methods below.
+    """
+
+    name: str = "routine"  # the first field of every cache key
+    algorithms: tuple[str, ...] = ()
+    canonical: str = ""  # what MAC counting evaluates: the papers' formulation
+    forced: Mapping[str, str] = {}  # policy -> the algorithm of this routine it forces
+
+    def applicable(self, algorithm: str, tensors: Tensors, params: Any) -> bool:
+        return True
+
+    def cost_model(self, tensors: Tensors, params: Any) -> str:
+        """The algorithm without timing (also at batch 1)."""
+        raise NotImplementedError
+
+    def macs(self, tensors: Tensors, params: Any) -> int:
+        """The convolution's multiply-accumulates: below `MEASURE_MIN_MACS` timing cannot pay."""
+        raise NotImplementedError
+
+    def timed(self, tensors: Tensors, params: Any) -> list[str]:
+        """The candidates worth timing for this call (applicable, and not known to lose by far)."""
+        return [name for name in self.algorithms if self.applicable(name, tensors, params)]
+
+    def shape_key(self, tensors: Tensors, params: Any) -> tuple:
+        """What the algorithms' speed depends on beyond the context (see `describe` for the fields)."""
+        raise NotImplementedError
+
+    def run(self, algorithm: str, tensors: Tensors, params: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Choice:
+    """What the measurement found for one key: the winner and each candidate's best milliseconds."""
+
+    algorithm: str
+    ms: dict[str, float]
+
+
+_cache: dict[tuple, Choice] = {}
+
+
+def _read_env() -> str:
+    value = os.environ.get(ENV_VAR, "measure").strip() or "measure"
+    if value not in POLICIES:
+        raise ValueError(f"{ENV_VAR}={value!r} is invalid; allowed values: {', '.join(POLICIES)}")
+    return value
+
+
+# Plain module globals (not ContextVars): torch.compile guards on module globals without a graph break.
+_policy = _read_env()
+_counting_depth = 0
+
+
+def set_policy(policy: str) -> None:
+    """Set the process-wide policy ("measure", "model" or an algorithm name; see the module docstring)."""
+    global _policy
+    if policy not in POLICIES:
+        raise ValueError(f"unknown convolution algorithm policy {policy!r}; allowed: {', '.join(POLICIES)}")
+    _policy = policy
+
+
+def get_policy() -> str:
+    return _policy
+
+
+@contextlib.contextmanager
+def policy(name: str) -> Iterator[None]:
+    """Use policy `name` within the block (a training run, a benchmark of one algorithm), then restore the
+    previous one."""
+    previous = _policy
+    set_policy(name)
+    try:
+        yield
+    finally:
+        set_policy(previous)
+
+
+@contextlib.contextmanager
+def counting_macs() -> Iterator[None]:
+    """Within this block every routine runs its papers' formulation (precedence step 1), and kernel
+    generators take the matmul forms that a FLOP counter sees."""
+    global _counting_depth
+    _counting_depth += 1
+    try:
+        yield
+    finally:
+        _counting_depth -= 1
+
+
+def is_counting_macs() -> bool:
+    return _counting_depth > 0
+
+
+def clear_cache() -> None:
+    """Forget every measured choice (the next call of each shape measures again)."""
+    _cache.clear()
+
+
+def choices() -> dict[str, dict]:
+    """The measured choices, keyed by a readable description of the shape (benchmark reports, run folders)."""
+    return {describe(key): {"algorithm": choice.algorithm, "ms": choice.ms} for key, choice in _cache.items()}
+
+
+def select(routine: Routine, tensors: Tensors, params: Any) -> str:
+    """The algorithm `routine` runs for this call, by the precedence of the module docstring."""
+    if _counting_depth > 0:
+        return routine.canonical
+    if _policy != "measure":
+        forced = routine.forced.get(_policy)
+        if forced is not None and routine.applicable(forced, tensors, params):
+            return forced
+        return routine.cost_model(tensors, params)
+    x = tensors[0]
+    if not _measuring_allowed(x, tensors[1]) or x.shape[0] == 1:
+        return routine.cost_model(tensors, params)
+    if routine.macs(tensors, params) < MEASURE_MIN_MACS:
+        return routine.cost_model(tensors, params)  # never measured, so never in the cache: no key needed
+    key = _context_key(routine.name, tensors) + routine.shape_key(tensors, params)
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached.algorithm
+    model = routine.cost_model(tensors, params)
+    names = routine.timed(tensors, params)
+    if len(names) == 1:
+        _cache[key] = Choice(names[0], {})
+        return names[0]
+    candidates = {name: _bound(routine, name, params) for name in names}
+    timed = _time_candidates(candidates, tensors)
+    algorithm = min(timed, key=timed.get) if timed else model
+    _cache[key] = Choice(algorithm, {name: round(value, 4) for name, value in timed.items()})
+    return algorithm
+
+
+def _bound(routine: Routine, name: str, params: Any) -> Callable[..., torch.Tensor]:
+    return lambda *tensors: routine.run(name, tensors, params)
+
+
+def _measuring_allowed(*tensors: torch.Tensor) -> bool:
+    """False where timing would be wrong, visible or unwanted (precedence step 3)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.are_deterministic_algorithms_enabled():
+        return False
+    if any(t.device.type not in ("cpu", "cuda") for t in tensors):
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _context_key(name: str, tensors: Tensors) -> tuple:
+    """Routine, device, dtype, autocast, and whether a backward follows and for which inputs."""
+    x = tensors[0]
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device) if device in ("cpu", "cuda") else False
+    needs_grad = tuple(t is not None and t.requires_grad for t in tensors)
+    train = torch.is_grad_enabled() and any(needs_grad)
+    return (name, device, x.dtype, autocast, train, needs_grad)
+
+
+def conv_shape_key(x: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation, groups: int,
+                   flags: tuple[str, ...] = ()) -> tuple:
+    """The shape part of a key for a convolution-like routine: the input's size class, the weight's shape,
+    the geometry and flags (bias, spatial, ...)."""
+    return (input_shape_class(x.shape), tuple(weight_shape), stride, padding, dilation, groups, flags)
+
+
+def input_shape_class(shape: Sequence[int]) -> tuple:
+    """Batch and channels exactly, the spatial size as its pixel count rounded to a power of sqrt(2).
+
+    Why a class and not the exact size: detection feeds every batch at another padded size (multi-scale
+    training, per-image aspect ratios), and measuring each new size anew would cost more than any choice saves
+    (on 2 CPU cores the toy Mask R-CNN ran 3-10x slower). The algorithms' relative speed changes smoothly with
+    the pixel count, so sizes within a factor of ~1.2 share a choice. A classification run, whose sizes are
+    fixed, measures each of them as before.
+    """
+    if len(shape) < 3:
+        return tuple(shape)
+    pixels = math.prod(shape[2:])
+    bucket = round(2 * math.log2(pixels)) / 2 if pixels > 0 else 0
+    return (shape[0], shape[1], bucket)
+
+
+def describe(key: tuple) -> str:
+    """A key as a readable string: "per_sample_conv2d cpu float32 train grad:111 x16x64xpx2^11.5 w16x64x64x3x3
+    s1x1 p1x1 d1x1 g1 bias" (autocast, when on, after the dtype; flags last)."""
+    name, device, dtype, autocast, train, needs_grad, shape_class, weight, stride, padding, dilation, groups, flags \
+        = key
+    grads = "grad:" + "".join("1" if g else "0" for g in needs_grad)
+    if len(shape_class) == 3:
+        size = f"x{shape_class[0]}x{shape_class[1]}xpx2^{shape_class[2]:g}"
+    else:
+        size = "x" + "x".join(map(str, shape_class))
+    geometry = [f"{label}{_pair_str(value)}" for label, value in (("s", stride), ("p", padding), ("d", dilation))]
+    parts = [name, device, str(dtype).removeprefix("torch."), *(["autocast"] if autocast else []),
+             "train" if train else "infer", grads, size, "w" + "x".join(map(str, weight)), *geometry, f"g{groups}",
+             *flags]
+    return " ".join(str(part) for part in parts)
+
+
+def _pair_str(value) -> str:
+    return f"{value}x{value}" if isinstance(value, int) else "x".join(map(str, value))
+
+
+def _time_candidates(candidates: dict[str, Callable[..., torch.Tensor]], inputs: Tensors) -> dict[str, float]:
+    """Best milliseconds of each candidate over `MEASURE_REPEATS` calls after one warm call each.
+
+    The candidates alternate (A, B, A, B, ...) so that a burst of load from another process hits all of
+    them rather than whichever happened to run then; the minimum is kept, as noise only ever adds time.
+    A candidate that fails (e.g. out of memory on the GPU) is dropped.
+    """
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    # detach(): a new leaf sharing storage; the caller's graph and parameters' .grad are never reached.
+    leaves = [None if t is None else t.detach().requires_grad_(train and t.requires_grad) for t in inputs]
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    device = next(t for t in inputs if t is not None).device
+
+    def call(fn) -> None:
+        if train:
+            out = fn(*leaves)
+            torch.autograd.grad(out, wanted, torch.ones_like(out))
+        else:
+            with torch.no_grad():
+                fn(*leaves)
+
+    best: dict[str, float] = {}
+    for name, fn in candidates.items():
+        try:
+            call(fn)  # warm: lazy initialisation, allocator, and any nested routine's own measurement
+        except (RuntimeError, MemoryError):  # e.g. CUDA out of memory: this candidate cannot win
+            continue
+        best[name] = float("inf")
+    running = list(best)
+    for _ in range(MEASURE_REPEATS if running else 0):
+        for name in running:
+            _synchronize(device)
+            start = timer()
+            call(candidates[name])
+            _synchronize(device)
+            best[name] = min(best[name], 1000.0 * (timer() - start))
+        fastest = min(best[name] for name in running)
+        running = [name for name in running if best[name] <= DROP_FACTOR * fastest]
+    return best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,110 @@
+"""Reading knobs from a config section: the one validator every operator, attention add-on, task, benchmark and
+config check uses.
+
+`Knobs(cfg, "op", owner="op=condconv", error=OperatorConfigError).integer("experts")` returns the value or
+raises `error` with one message shape, naming the key, the value and what is allowed:
+
+    op.experts=0 is invalid for op=condconv: allowed values are integers >= 1
+    recipe.epochs=0 is invalid; allowed values: integers >= 1                    (no owner: a top-level key)
+
+Every check is done before anything is built or written (config validation builds the model on the meta
+device), so a typo in a sweep fails in a second, not after a job queued for a day. Booleans are never numbers
+here (`True` is an int in Python, but `op.experts=true` is a mistake).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Knobs:
+    """The knobs of one config section (`cfg`, a mapping), read and validated one key at a time."""
+
+    def __init__(self, cfg: Mapping[str, Any], section: str = "", owner: str | None = None,
+                 error: type[Exception] = ValueError):
+        self.cfg = cfg
+        self.section = section  # "op", "attn", "task", "bench", ... ("" for top-level keys)
+        self.owner = owner  # "op=condconv": named in the message
+        self.error = error
+
+    def name(self, key: str) -> str:
+        return f"{self.section}.{key}" if self.section else key
+
+    def fail(self, key: str, value: Any, allowed: str) -> Exception:
+        """The error for `key`=`value`, saying what is allowed (raise it)."""
+        if self.owner:
+            return self.error(f"{self.name(key)}={value!r} is invalid for {self.owner}: allowed values are {allowed}")
+        return self.error(f"{self.name(key)}={value!r} is invalid; allowed values: {allowed}")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.cfg.get(key, default)
+
+    def integer(self, key: str, low: int = 1, *, odd: bool = False, nullable: bool = False) -> int | None:
+        """An integer >= `low` (odd, if asked: a kernel size that keeps the map's size); null where allowed."""
+        value = self.cfg.get(key)
+        if value is None and nullable:
+            return None
+        if not is_int(value) or value < low or (odd and value % 2 == 0):
+            allowed = f"{'odd ' if odd else ''}integers >= {low}" + (" or null" if nullable else "")
+            raise self.fail(key, value, allowed)
+        return value
+
+    def number(self, key: str, low: float | None = None, *, inclusive: bool = False, note: str = "") -> float:
+        """A finite number, > `low` (>= with `inclusive`) when given."""
+        value = self.cfg.get(key)
+        if not is_number(value) or (low is not None and (value < low if inclusive else value <= low)):
+            allowed = "finite numbers" + ("" if low is None else f" {'>=' if inclusive else '>'} {low:g}")
+            raise self.fail(key, value, allowed + (f" ({note})" if note else ""))
+        return float(value)
+
+    def number_in(self, key: str, low: float, high: float, *, low_open: bool = False,
+                  nullable: bool = False) -> float | None:
+        """A finite number in [low, high] ((low, high] with `low_open`); null where allowed."""
+        value = self.cfg.get(key)
+        if value is None and nullable:
+            return None
+        if not is_number(value) or not (low < value if low_open else low <= value) or value > high:
+            allowed = f"a number in {'(' if low_open else '['}{low}, {high}]"
+            raise self.fail(key, value, ("null or " if nullable else "") + allowed)
+        return float(value)
+
+    def number_list(self, key: str, length: int | None = None) -> list[float]:
+        """A non-empty list of positive numbers (of `length` items when given)."""
+        value = self.cfg.get(key)
+        allowed = f"a list of {length} positive numbers" if length else "a non-empty list of positive numbers"
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise self.fail(key, value, allowed)
+        items = list(value)
+        if not items or (length and len(items) != length) or not all(is_number(v) and v > 0 for v in items):
+            raise self.fail(key, items, allowed)
+        return [float(v) for v in items]
+
+    def choice(self, key: str, allowed: Sequence[Any], default: Any = None) -> Any:
+        value = self.cfg.get(key, default)
+        if value not in allowed:
+            raise self.fail(key, value, ", ".join(map(str, allowed)))
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self.cfg.get(key)
+        if not isinstance(value, bool):
+            raise self.fail(key, value, "true, false")
+        return value
+
+    def reject_unknown(self, known: Sequence[str]) -> None:
+        """A typo (`attn.reducton`) would otherwise be ignored silently when the section is a plain dict."""
+        unknown = sorted(set(self.cfg) - {"name", *known})
+        if unknown:
+            raise self.error(f"{self.name(unknown[0])} is not a knob of {self.owner}; its knobs are: "
+                             f"{', '.join(known) or '(none)'}")
