@@ -60,6 +60,8 @@ def common_knobs(knobs: Knobs) -> dict[str, Any]:
         "score_thresh": knobs.number_in("score_thresh", 0.0, 1.0),
         "nms_thresh": knobs.number_in("nms_thresh", 0.0, 1.0, low_open=True),
         "detections_per_img": knobs.integer("detections_per_img"),
+        "anchor_sizes": knobs.number_list("anchor_sizes", PYRAMID_LEVELS),
+        "aspect_ratios": knobs.number_list("aspect_ratios"),
     }
 
 
@@ -67,9 +69,7 @@ def retinanet_knobs(cfg: Mapping) -> dict[str, Any]:
     knobs = task_knobs(cfg)
     values = common_knobs(knobs)
     values.update(
-        anchor_sizes=knobs.number_list("anchor_sizes", PYRAMID_LEVELS),
         anchor_scales_per_octave=knobs.integer("anchor_scales_per_octave"),
-        aspect_ratios=knobs.number_list("aspect_ratios"),
         topk_candidates=knobs.integer("topk_candidates"),
         fg_iou_thresh=knobs.number_in("fg_iou_thresh", 0.0, 1.0, low_open=True),
         bg_iou_thresh=knobs.number_in("bg_iou_thresh", 0.0, 1.0),
@@ -84,8 +84,6 @@ def maskrcnn_knobs(cfg: Mapping) -> dict[str, Any]:
     knobs = task_knobs(cfg)
     values = common_knobs(knobs)
     values.update(
-        anchor_sizes=knobs.number_list("anchor_sizes", PYRAMID_LEVELS),
-        aspect_ratios=knobs.number_list("aspect_ratios"),
         rpn_nms_thresh=knobs.number_in("rpn_nms_thresh", 0.0, 1.0, low_open=True),
         **{key: knobs.integer(key) for key in (
             "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
