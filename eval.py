@@ -24,9 +24,15 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from dynconv.config import validate_eval_config
     from dynconv.engine.evaluation_run import evaluate_checkpoint
+    from dynconv.overrides import reject_added_keys
 
     try:
+        reject_added_keys(HydraConfig.get().overrides.task, "eval")  # a key nothing reads is a typo
+        validate_eval_config(cfg)
         result = evaluate_checkpoint(cfg)
     except (ConfigError, CorruptCheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,12 +5,15 @@
     torchrun --standalone --nproc_per_node=8 train.py experiment=resnet18_condconv_imagenet
     python train.py -m op.experts=4,8                # a sweep
 
-The last stdout line is one JSON object with the final metrics.
+The last stdout line is one JSON object with the final metrics (`"status"`: completed, stopped or failed).
+Rerunning the same command resumes the run (its folder is named by a hash of the config); the exit codes are
+listed in dynconv/engine/failures.py and docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,8 +25,14 @@ from omegaconf import DictConfig
 from dynconv.config import ConfigError, register_resolvers
 from dynconv.engine.checkpoint import CorruptCheckpointError
 from dynconv.engine.distributed import cleanup_distributed
+from dynconv.engine.failures import RunFailure
+from dynconv.engine.run_naming import register_run_folder_resolver
+from dynconv.engine.shutdown import install_exit_reaper
 
 register_resolvers()
+register_run_folder_resolver()
+install_exit_reaper()  # no exit path may wait forever on DataLoader workers
+log = logging.getLogger("dynconv")
 
 # Read before Hydra runs: whether the output root existed decides whether a rejected run may remove it.
 OUTPUT_ROOT = Path(os.environ.get("DYNCONV_OUTPUT_DIR", "outputs")).resolve()
@@ -50,19 +59,39 @@ def _remove_if_empty(run_dir: Path) -> None:
             return
 
 
+def _fail(run_dir: Path, error: BaseException, exit_code: int) -> None:
+    """The end of a run that failed: the reason on stderr, a final JSON line, a non-zero exit."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    print(json.dumps({"status": "failed", "error": str(error), "exit_code": exit_code,
+                      "run_dir": str(run_dir.resolve())}), flush=True)
+    sys.exit(exit_code)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     from dynconv.engine.training_run import run_training
 
+    from dynconv.overrides import reject_added_keys
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        reject_added_keys(HydraConfig.get().overrides.task, "train")  # `+recipe.epoch=1`: a key nothing reads
         result, exit_code = run_training(cfg, run_dir)
     except (ConfigError, CorruptCheckpointError) as error:
         _remove_if_empty(run_dir)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        cleanup_distributed()
+    except RunFailure as error:
+        _fail(run_dir, error, error.exit_code)
+    except KeyboardInterrupt:
+        # Outside the training loop (building, writing the dataset) or a second Ctrl-C: nothing new to save.
+        _remove_if_empty(run_dir)
+        _fail(run_dir, KeyboardInterrupt("interrupted (Ctrl-C); the last saved checkpoint, if any, is kept: rerun "
+                                         "the same command to resume"), 130)
+    except Exception as error:  # a bug, a lost rank, out of memory: the traceback matters here
+        log.exception("training failed")
+        _fail(run_dir, RuntimeError(f"{type(error).__name__}: {error}"), 1)
+    cleanup_distributed()  # only after success: tearing down a broken process group can block
     print(json.dumps(result), flush=True)
     if exit_code:
         sys.exit(exit_code)

@@ -1,25 +1,39 @@
 """Config checks that run before anything is written, and the resolvers the YAML files use.
 
 Every error names the key, the value and what is allowed, so a typo in a sweep fails in a second,
-not after a job has queued for a day.
+not after a job has queued for a day. The rule of each key is in dynconv/config_checks.py; what depends on
+several keys (the model at the image size, a batch against the dataset, CUDA) is checked here. Added keys
+that nothing reads are refused by dynconv/overrides.py.
 """
 
 from __future__ import annotations
 
 import os
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from dynconv.config_checks import (  # noqa: F401 - AMP_MODES, SCHEDULES: re-exported
+    AMP_MODES,
+    BACKBONE_SECTION,
+    DATA,
+    DATA_SECTION,
+    DEVICES,
+    OP_SECTION,
+    RECIPE,
+    RUN_SECTIONS,
+    SCHEDULES,
+    Section,
+    check_section,
+)
 from dynconv.knobs import Knobs
 from dynconv.registry import Registry, UnknownNameError
 
-SCHEDULES = ("cosine", "step", "multistep", "linear", "none")
-AMP_MODES = ("none", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
+# A forward pass at this side works for every backbone (DeiT's 16-pixel patches, ConvNeXt's and VGG's 32x
+# downsampling): when the configured data.image_size fails and this one does not, the size is at fault.
+REFERENCE_SIDE = 224
 
 
 class ConfigError(ValueError):
@@ -44,8 +58,11 @@ def run_name() -> str:
 
 
 def register_resolvers() -> None:
+    from dynconv.engine.run_naming import register_run_folder_resolver
+
     if not OmegaConf.has_resolver("dynconv_run_name"):
         OmegaConf.register_new_resolver("dynconv_run_name", run_name, use_cache=True)
+    register_run_folder_resolver()
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -56,20 +73,49 @@ def _get(cfg: DictConfig, key: str) -> Any:
 
 
 def _check_name(cfg: DictConfig, key: str, registry: Registry) -> None:
+    value = _get(cfg, key)
     try:
-        registry.get(_get(cfg, key))
+        if not isinstance(value, str):  # a number is no name, and a list would not even be looked up
+            raise UnknownNameError(f"{key}={value!r} is not a known {registry.kind}; valid values: "
+                                   f"{', '.join(registry.names())} (select one with {key.split('.')[0]}=NAME)")
+        registry.get(value)
     except UnknownNameError as error:
         raise ConfigError(str(error)) from None
 
 
-def _knobs(cfg: DictConfig, *keys: str) -> Knobs:
-    """Top-level keys read through the one validator (errors: "<key>=<value> is invalid; allowed values: ...");
-    a missing mandatory value (???) says so first."""
-    return Knobs({key: _get(cfg, key) for key in keys}, error=ConfigError)
+def _plain(cfg: DictConfig, *sections: str) -> dict[str, Any]:
+    """The config (or only `sections` of it) as resolved plain containers, what the value rules read. An
+    interpolation that cannot be resolved (`recipe.lr=${oops}`, an unset `${oc.env:...}`) is a ConfigError
+    naming its key, not an OmegaConf traceback; a mandatory value left unset stays "???" (the rules say so)."""
+    try:
+        if not sections:
+            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        plain: dict[str, Any] = {}
+        for section in sections:  # top-level sections
+            node = cfg.get(section) if section in cfg else None
+            plain[section] = OmegaConf.to_container(node, resolve=True, throw_on_missing=False) \
+                if isinstance(node, DictConfig) else node
+        return plain
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or ""
+        raw = OmegaConf.to_container(cfg, resolve=False)
+        for part in filter(None, key.split(".")):
+            raw = raw.get(part) if isinstance(raw, dict) else None
+        reason = str(getattr(error, "msg", None) or error).splitlines()[0]
+        raise ConfigError(f"{key or 'the config'}={raw!r} cannot be resolved ({reason}); allowed values: a value, "
+                          "or an interpolation of an existing key or a set environment variable") from None
 
 
-def validate_model_config(cfg: DictConfig) -> None:
-    """backbone / op / attn / task names and the operator's knobs."""
+def _check_sections(cfg: DictConfig, *sections) -> None:
+    """Apply the value rules of dynconv/config_checks.py to `sections` of `cfg`."""
+    tops = {section.path.split(".")[0] for section in sections}
+    plain = _plain(cfg) if "" in tops else _plain(cfg, *tops)
+    for section in sections:
+        check_section(plain, section, ConfigError)
+
+
+def _meta_build(cfg: DictConfig):
+    """Check the model's names and knobs by building it on the meta device; returns what build_backbone built."""
     from dynconv.attention import ATTENTIONS
     from dynconv.backbones import BACKBONES
     from dynconv.build import make_operator
@@ -80,7 +126,11 @@ def validate_model_config(cfg: DictConfig) -> None:
     _check_name(cfg, "op.name", OPERATORS)
     _check_name(cfg, "attn.name", ATTENTIONS)
     _check_name(cfg, "task.name", TASKS)
-    op_cfg = OmegaConf.to_container(cfg.op, resolve=True)
+    _check_sections(cfg, BACKBONE_SECTION, OP_SECTION)
+    if OmegaConf.select(cfg, "data.image_size", throw_on_missing=False) is not None:
+        # The model is built at this size (a positional embedding's length), so it is checked first.
+        _check_sections(cfg, Section(DATA_SECTION.path, {"image_size": DATA["image_size"]}, required=()))
+    op_cfg = _plain(cfg, "op")["op"]
     try:
         make_operator(op_cfg)
         # Knobs that must fit every layer (WeightNet's G, SK's dilations) and add-ons that must fit the backbone
@@ -98,11 +148,51 @@ def validate_model_config(cfg: DictConfig) -> None:
     try:
         TASKS.get(cfg.task.name).validate_config(cfg.task, built.backbone)
     except ValueError as error:
-        raise ConfigError(str(error)) from None
+        message = str(error)
+        if "task." not in message and "task=" not in message:  # about the pair (a backbone without C3-C5)
+            message = f"task={cfg.task.name} does not fit backbone={cfg.backbone.name}: {message}"
+        raise ConfigError(message) from None
+    return built
+
+
+def validate_model_config(cfg: DictConfig) -> None:
+    """backbone / op / attn / task names, the backbone's keys and the operator's knobs."""
+    _meta_build(cfg)
+
+
+def _meta_forward(model, side: int) -> str | None:
+    """Why a forward pass of `model` (on the meta device) fails at side x side, or None when it runs. One image
+    in eval mode: the feature-map sizes are those of training, at half the cost of train-mode BatchNorm on meta
+    tensors; the cost-model policy, since nothing can be timed on the meta device."""
+    import torch
+
+    from dynconv.functional import selector
+
+    model.eval()
+    try:
+        with torch.no_grad(), selector.policy("model"):
+            model(torch.empty(1, 3, side, side, device="meta"))
+    except Exception as error:
+        return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return None
+
+
+def _check_input_size(cfg: DictConfig, built) -> None:
+    """data.image_size fits the backbone: ConvNeXt and the CIFAR VGG need 32 pixels, DeiT a multiple of its
+    16-pixel patches; a size a backbone cannot take would otherwise fail in the first training step, deep
+    inside torch or timm. Found by a forward pass on the meta device (a classifier's input is the image)."""
+    side = int(cfg.data.image_size)
+    reason = _meta_forward(built.backbone, side)
+    if reason is None or side == REFERENCE_SIDE or _meta_forward(built.backbone, REFERENCE_SIDE) is not None:
+        return  # it runs, or it does not run at any size: then the size is not what is wrong
+    raise ConfigError(f"data.image_size={side} does not fit backbone={cfg.backbone.name}: a forward pass at "
+                      f"{side}x{side} fails ({reason}); allowed values: a size this backbone takes "
+                      f"(e.g. {REFERENCE_SIDE}; every backbone takes the multiples of 32)")
 
 
 def validate_data_config(cfg: DictConfig) -> None:
-    """data.name names a registered dataset that fits the task, and its files are where the config says."""
+    """data.name names a registered dataset that fits the task, every data key has an allowed value, and the
+    dataset's files are where the config says (an embedded dataset: that its folder holds nothing else)."""
     from dynconv.data import DATASETS
     from dynconv.tasks import TASKS  # importing the tasks registers their datasets
 
@@ -114,45 +204,110 @@ def validate_data_config(cfg: DictConfig) -> None:
         if spec.name not in fitting:
             raise ConfigError(f"data={spec.name} does not fit task={task_name}; allowed data for this task: "
                               f"{', '.join(fitting)}")
+    _check_sections(cfg, DATA_SECTION)  # before the layout check: a bad value is found without a disk access
     if not spec.embedded:
         _get(cfg, "data.root")  # a mandatory value left unset (???) says so first
-        spec.check(cfg.data)
+    spec.check(cfg.data)
 
 
 def validate_recipe_config(cfg: DictConfig) -> None:
-    import timm.optim
-
+    """The run settings (seed, device, resume, dist, log, checkpoint, ...) and the recipe, key by key, then the
+    settings that depend on the machine (CUDA)."""
     import torch
 
-    knobs = _knobs(cfg, "recipe.epochs", "recipe.batch_size", "recipe.sched", "recipe.opt", "recipe.amp", "device")
-    knobs.integer("recipe.epochs")
-    knobs.integer("recipe.batch_size")
-    knobs.choice("recipe.sched", SCHEDULES)
-    knobs.choice("recipe.opt", timm.optim.list_optimizers())
-    amp = knobs.choice("recipe.amp", AMP_MODES)
-    device = knobs.choice("device", DEVICES)
-
+    _check_sections(cfg, *RUN_SECTIONS)
+    device, amp = cfg.device, cfg.recipe.amp
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; allowed here: auto, cpu")
     on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if amp == "fp16" and not on_cuda:
         raise ConfigError("recipe.amp=fp16 needs a CUDA device; allowed on CPU: none, bf16")
-    if _get(cfg, "recipe.sync_bn") and not on_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if cfg.recipe.sync_bn and not on_cuda and distributed:
         raise ConfigError("recipe.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm runs on GPU modules only); "
                           "allowed on CPU: false")
-    if OmegaConf.select(cfg, "conv_algorithm") is not None:
-        from dynconv.functional.selector import POLICIES
+    if cfg.dist.backend == "nccl" and not on_cuda and distributed:
+        raise ConfigError("dist.backend=nccl needs CUDA devices; allowed on CPU: auto, gloo")
 
-        _knobs(cfg, "conv_algorithm").choice("conv_algorithm", POLICIES)
-    resume = _get(cfg, "resume")
-    if resume not in ("auto", "never") and not Path(str(resume)).is_file():
-        raise ConfigError(f"resume={resume!r}: no such checkpoint file; allowed values: auto, never, a checkpoint path")
+
+def _check_training_transforms(cfg: DictConfig) -> None:
+    """The ImageNet-style transforms are built from data.* and recipe.aug.* together: build them once, so a
+    combination the single-key rules let through fails here, not in a loader worker (CIFAR builds its own)."""
+    if _get(cfg, "task.name") != "classification" or cfg.data.name == "cifar100":
+        return
+    from dynconv.tasks.classification.transforms import build_transforms
+
+    plain = _plain(cfg, "data", "recipe")
+    aug = plain["recipe"].get("aug") or {}
+    for training in (True, False):
+        try:
+            build_transforms(plain["data"], aug, training)
+        except Exception as error:
+            keys = "recipe.aug.* and data.*" if training else "data.*"
+            raise ConfigError(f"the {'training' if training else 'evaluation'} transform cannot be built from "
+                              f"{keys} ({type(error).__name__}: {error}); allowed values: see the rules of "
+                              "those keys in dynconv/config_checks.py") from None
+
+
+def _check_batches(cfg: DictConfig) -> None:
+    """A training set smaller than one batch per process, with drop_last, gives epochs without a step (the
+    loaders refuse it only after the run folder exists). Checked where the size is known without reading the
+    dataset: a fixed subset (data.max_train_samples) or an embedded dataset."""
+    from dynconv.tasks.classification.digits import DIGITS_TRAIN_COUNT
+
+    if _get(cfg, "task.name") != "classification" or not cfg.recipe.drop_last:
+        return
+    known = {"digits": DIGITS_TRAIN_COUNT}.get(cfg.data.name)
+    subset = cfg.data.get("max_train_samples")
+    sizes = [size for size in (known, subset) if size is not None]
+    if not sizes:
+        return
+    world_size = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    per_process = -(-min(sizes) // world_size)
+    batch_size = cfg.recipe.batch_size
+    if batch_size > per_process:
+        limited = subset is not None and (known is None or subset < known)
+        source = f"data.max_train_samples={subset}" if limited else f"data={cfg.data.name} has {known} training images"
+        raise ConfigError(
+            f"recipe.batch_size={batch_size} is larger than the {per_process} training images per process "
+            f"({source}, {world_size} process(es)) with recipe.drop_last=true: no training step would run; "
+            f"allowed values: recipe.batch_size <= {per_process}, a larger data.max_train_samples, or "
+            "recipe.drop_last=false")
 
 
 def validate_train_config(cfg: DictConfig) -> None:
-    validate_model_config(cfg)
+    """Every key of a composed train config, before anything is written: the model (built and run on the meta
+    device), the run settings and recipe, the data, and what depends on several of them."""
+    _plain(cfg)  # an interpolation that cannot be resolved is named first, wherever it is
+    built = _meta_build(cfg)
     validate_recipe_config(cfg)
     validate_data_config(cfg)
+    if _get(cfg, "task.name") == "classification":
+        _check_input_size(cfg, built)
+    _check_training_transforms(cfg)
+    _check_batches(cfg)
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """eval.py's own keys (configs/eval.yaml), before the checkpoint is read: the overrides of the stored data
+    and recipe settings are checked here, since they replace values that were checked when the run trained."""
+    plain = _plain(cfg)
+    knobs = Knobs(plain, error=ConfigError)
+    if plain.get("checkpoint") in (None, "???", ""):
+        raise ConfigError("checkpoint is required but not set: pass checkpoint=PATH (a last.pt or best.pt)")
+    if not isinstance(plain["checkpoint"], str):
+        raise knobs.fail("checkpoint", plain["checkpoint"], "a path to a checkpoint file")
+    knobs.choice("weights", ("model", "ema"))
+    knobs.choice("device", DEVICES)
+    overrides = (Section("data", {key: DATA[key] for key in ("num_workers", "max_val_samples")}, required=()),
+                 Section("recipe", {"eval_batch_size": RECIPE["eval_batch_size"]}, required=()))
+    for section in overrides:
+        node = plain.get(section.path) or {}
+        set_only = {key: value for key, value in node.items() if value is not None}  # null: as recorded
+        check_section({section.path: set_only}, section, ConfigError)
+    root = (plain.get("data") or {}).get("root")
+    if root is not None and (not isinstance(root, str) or not root.strip()):
+        raise Knobs(plain["data"], "data", error=ConfigError).fail("root", root, "null (as recorded) or a directory")
 
 
 # Keys whose change makes a checkpoint unusable for resuming (the parameters would not line up).

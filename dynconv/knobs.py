@@ -50,32 +50,40 @@ class Knobs:
     def get(self, key: str, default: Any = None) -> Any:
         return self.cfg.get(key, default)
 
-    def integer(self, key: str, low: int = 1, *, odd: bool = False, nullable: bool = False) -> int | None:
-        """An integer >= `low` (odd, if asked: a kernel size that keeps the map's size); null where allowed."""
+    def integer(self, key: str, low: int = 1, *, high: int | None = None, odd: bool = False,
+                nullable: bool = False) -> int | None:
+        """An integer >= `low` (<= `high` when given; odd, if asked: a kernel size that keeps the map's size);
+        null where allowed."""
         value = self.cfg.get(key)
         if value is None and nullable:
             return None
-        if not is_int(value) or value < low or (odd and value % 2 == 0):
-            allowed = f"{'odd ' if odd else ''}integers >= {low}" + (" or null" if nullable else "")
+        if not is_int(value) or value < low or (high is not None and value > high) or (odd and value % 2 == 0):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            allowed = f"{'odd ' if odd else ''}integers {bounds}" + (" or null" if nullable else "")
             raise self.fail(key, value, allowed)
         return value
 
-    def number(self, key: str, low: float | None = None, *, inclusive: bool = False, note: str = "") -> float:
-        """A finite number, > `low` (>= with `inclusive`) when given."""
-        value = self.cfg.get(key)
-        if not is_number(value) or (low is not None and (value < low if inclusive else value <= low)):
-            allowed = "finite numbers" + ("" if low is None else f" {'>=' if inclusive else '>'} {low:g}")
-            raise self.fail(key, value, allowed + (f" ({note})" if note else ""))
-        return float(value)
-
-    def number_in(self, key: str, low: float, high: float, *, low_open: bool = False,
-                  nullable: bool = False) -> float | None:
-        """A finite number in [low, high] ((low, high] with `low_open`); null where allowed."""
+    def number(self, key: str, low: float | None = None, *, inclusive: bool = False, note: str = "",
+               nullable: bool = False) -> float | None:
+        """A finite number, > `low` (>= with `inclusive`) when given; null where allowed."""
         value = self.cfg.get(key)
         if value is None and nullable:
             return None
-        if not is_number(value) or not (low < value if low_open else low <= value) or value > high:
-            allowed = f"a number in {'(' if low_open else '['}{low}, {high}]"
+        if not is_number(value) or (low is not None and (value < low if inclusive else value <= low)):
+            allowed = "finite numbers" + ("" if low is None else f" {'>=' if inclusive else '>'} {low:g}")
+            allowed = ("null or " if nullable else "") + allowed
+            raise self.fail(key, value, allowed + (f" ({note})" if note else ""))
+        return float(value)
+
+    def number_in(self, key: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+                  nullable: bool = False) -> float | None:
+        """A finite number in [low, high] (either end open with `low_open` / `high_open`); null where allowed."""
+        value = self.cfg.get(key)
+        if value is None and nullable:
+            return None
+        if (not is_number(value) or not (low < value if low_open else low <= value)
+                or not (value < high if high_open else value <= high)):
+            allowed = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise self.fail(key, value, ("null or " if nullable else "") + allowed)
         return float(value)
 
@@ -91,10 +99,74 @@ class Knobs:
         return [float(v) for v in items]
 
     def choice(self, key: str, allowed: Sequence[Any], default: Any = None) -> Any:
+        """One of `allowed`, of the same type too: `true` is not the 1 of `checkpoint.keep_last: 1 | 2`, nor 1.0."""
         value = self.cfg.get(key, default)
-        if value not in allowed:
+        if not any(value == option and type(value) is type(option) for option in allowed):
             raise self.fail(key, value, ", ".join(map(str, allowed)))
         return value
+
+    def integer_or(self, key: str, words: Sequence[str], low: int = 0) -> int | str:
+        """One of the `words` (`auto`) or an integer >= `low`."""
+        value = self.cfg.get(key)
+        if isinstance(value, str) and value in words:
+            return value
+        if not is_int(value) or value < low:
+            raise self.fail(key, value, f"{', '.join(words)}, integers >= {low}")
+        return value
+
+    def text(self, key: str) -> str:
+        """A non-empty string (a split name, a folder name)."""
+        value = self.cfg.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, value, "a non-empty string")
+        return value
+
+    def strings(self, key: str, *, example: str = "", nullable: bool = False) -> list[str] | None:
+        """A list of non-empty strings (patterns, names), possibly empty; a bare string is not one (it would be
+        read character by character); null where allowed."""
+        value = self.cfg.get(key)
+        if value is None and nullable:
+            return None
+        allowed = ("null or " if nullable else "") + "a list of non-empty strings" + (f", e.g. {example}" if example else "")
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise self.fail(key, value, allowed)
+        if not all(isinstance(v, str) and v for v in value):
+            raise self.fail(key, list(value), allowed)
+        return list(value)
+
+    def numbers(self, key: str, *, length: int | None = None, low: float | None = None, inclusive: bool = True,
+                high: float | None = None, integers: bool = False, ascending: bool = False,
+                empty: bool = False) -> list[float]:
+        """A list of finite numbers (integers with `integers`): `length` items when given (else at least one,
+        or none with `empty`), each >= `low` (> with inclusive=False) and <= `high` when given, strictly
+        ascending with `ascending`."""
+        value = self.cfg.get(key)
+        kind = "integers" if integers else "numbers"
+        bounds = [f"{'>=' if inclusive else '>'} {low:g}"] if low is not None else []
+        bounds += [f"<= {high:g}"] if high is not None else []
+        allowed = (f"a list of {length} {kind}" if length else f"a {'' if empty else 'non-empty '}list of {kind}")
+        allowed += (f" {' and '.join(bounds)}" if bounds else "") + (" in ascending order" if ascending else "")
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise self.fail(key, value, allowed)
+        items = list(value)
+        fits = (is_int if integers else is_number)
+        if ((length and len(items) != length) or (not items and not empty)
+                or not all(fits(v) and is_number(v) for v in items)
+                or (low is not None and not all(v >= low if inclusive else v > low for v in items))
+                or (high is not None and not all(v <= high for v in items))
+                or (ascending and any(b <= a for a, b in zip(items, items[1:])))):
+            raise self.fail(key, items, allowed)
+        return [int(v) if integers else float(v) for v in items]
+
+    def pair(self, key: str, low: float, high: float | None = None) -> tuple[float, float]:
+        """A range [a, b] with low < a <= b (<= high when given): a crop's area or aspect-ratio range."""
+        value = self.cfg.get(key)
+        allowed = f"a pair [a, b] with {low:g} < a <= b" + (f" <= {high:g}" if high is not None else "")
+        items = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else None
+        if (items is None or len(items) != 2 or not all(is_number(v) for v in items) or not low < items[0] <= items[1]
+                or (high is not None and items[1] > high)):
+            raise self.fail(key, value if items is None else items, allowed)
+        return float(items[0]), float(items[1])
 
     def flag(self, key: str) -> bool:
         value = self.cfg.get(key)

@@ -1,7 +1,10 @@
-"""build_classification_data end to end on the embedded digits dataset and a custom folder."""
+"""build_classification_data end to end on the embedded digits dataset and a custom folder, and the loaders'
+worker count (`data.num_workers`: auto or an integer)."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dynconv.config import ConfigError
 from dynconv.data import EpochSampler
+from dynconv.data.loader_options import MAX_AUTO_WORKERS, resolve_num_workers, worker_options
 from dynconv.tasks.classification.loaders import ClassificationData, build_classification_data
 
 
@@ -133,3 +138,56 @@ def test_missing_split_fails_before_loading(tmp_path):
     (tmp_path / "val").rmdir()
     with pytest.raises(FileNotFoundError, match="DIR/train/<class>"):
         build_classification_data(_data_cfg(name="imagefolder", root=str(tmp_path)), _recipe_cfg())
+
+
+# ------------------------------------------------------------------------------- num_workers: auto or an integer
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 2), (8, 8), (64, MAX_AUTO_WORKERS)])
+def test_auto_workers_follow_the_usable_cpus(monkeypatch, cpus, expected):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert resolve_num_workers("auto") == expected
+    assert worker_options({"num_workers": "auto", "persistent_workers": True}, None)["num_workers"] == expected
+
+
+def test_auto_workers_without_an_affinity_mask_use_the_cpu_count(monkeypatch):
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert resolve_num_workers("auto") == 3
+
+
+def test_explicit_worker_counts_are_used_as_given(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert [resolve_num_workers(v) for v in (0, 1, 8, 16)] == [0, 1, 8, 16]
+    assert resolve_num_workers(None) == 0  # unset: eval.py resolves its null ("as recorded") before this
+    options = worker_options({"num_workers": 0, "persistent_workers": True}, None)
+    assert options["num_workers"] == 0 and options["persistent_workers"] is False
+
+
+@pytest.mark.parametrize("value", ["many", "AUTO", -1, True, 2.5, "4"])
+def test_invalid_worker_counts_name_the_key_and_the_allowed_values(value):
+    with pytest.raises(ConfigError) as info:
+        resolve_num_workers(value)
+    assert str(info.value) == f"data.num_workers={value!r} is invalid; allowed values: auto, integers >= 0"
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["data=imagefolder"], "auto"), (["data=imagenet"], "auto"), (["task=retinanet", "data=coco"], "auto"),
+    ([], 2), (["data=cifar100"], 2), (["task=retinanet", "data=toy_coco"], 2),
+])
+def test_config_defaults(compose_cfg, overrides, expected):
+    assert compose_cfg(overrides).data.num_workers == expected
+
+
+def test_auto_on_this_machine_creates_no_oversubscription_warning(tmp_path):
+    _write_folder(tmp_path)
+    data = build_classification_data(
+        _data_cfg(name="imagefolder", root=str(tmp_path), image_size=16, strict=False, num_workers="auto",
+                  persistent_workers=False),
+        _recipe_cfg(batch_size=4, drop_last=False))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert data.train_loader.num_workers == min(MAX_AUTO_WORKERS, cpus)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        next(iter(data.train_loader))
+    assert not [w for w in caught if "worker processes in total" in str(w.message)]

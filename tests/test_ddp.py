@@ -12,8 +12,8 @@ from conftest import CONDCONV2, SMOKE, describe
 
 def test_torchrun_two_processes_one_run_dir(run_train, tmp_path):
     """`torchrun --standalone --nproc_per_node=2 train.py` without hydra.run.dir: both ranks must agree on one
-    run directory (`torchrun/<run id>` under DYNCONV_OUTPUT_DIR), only rank 0 writes into it, and the results
-    report world_size 2.
+    run directory (`<backbone>-<op>-<data>/<config hash>` under DYNCONV_OUTPUT_DIR), only rank 0 writes into it,
+    and the results report world_size 2.
 
     Hydra resolves the run dir in every process; a per-process timestamp would give two directories (or
     half-written files from two writers), which is what this guards against.
@@ -33,9 +33,9 @@ def test_torchrun_two_processes_one_run_dir(run_train, tmp_path):
     run_dirs = [p.parent for p in outputs.rglob("config.yaml")]
     assert len(run_dirs) == 1, f"expected one run dir, found {run_dirs}"
     run_dir = run_dirs[0]
-    assert run_dir.parent == outputs / "torchrun", run_dir
+    assert run_dir.parent == outputs / "resnet18-condconv-digits", run_dir
     top_level = sorted(p.relative_to(outputs).as_posix() for p in outputs.iterdir())
-    assert top_level == ["torchrun"] and len(list((outputs / "torchrun").iterdir())) == 1
+    assert top_level == ["resnet18-condconv-digits"] and len(list(run_dir.parent.iterdir())) == 1
     assert result["run_dir"] == str(run_dir.resolve())
     assert len(list(run_dir.rglob("train.log"))) == 1
     log = (run_dir / "train.log").read_text()

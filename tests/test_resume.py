@@ -131,7 +131,7 @@ def test_signal_stops_cleanly_and_rerun_resumes(train_env, tmp_path, signum):
     assert completed.returncode == 0, describe(completed)
     assert isinstance(result["resumed_from"], int) and result["resumed_from"] == stopped_at[0]
     assert result["status"] == "completed" and result["epochs"] == 3
-    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert f"resuming: run {run_dir}" in (run_dir / "train.log").read_text()
 
     if reference is not None:
         ref_completed, ref_result = _finish(reference)

@@ -18,15 +18,18 @@ from dynconv.registry import Registry
 @dataclass(frozen=True)
 class DatasetSpec:
     """One dataset: `kind` is the `Task.data_kind` of the tasks that can train on it ("classification",
-    "detection"); `check(data_cfg)` raises ConfigError naming data.root and the expected layout (nothing to
-    check for an embedded dataset, which is written on first use); `locate(data_cfg)` returns the folder the
-    loaders read (writing an embedded dataset there first)."""
+    "detection"); `check(data_cfg)` raises ConfigError naming data.root and the expected layout (for an
+    embedded dataset, which is written on first use: that data.root holds nothing else); `locate(data_cfg)`
+    returns the folder the loaders read (writing an embedded dataset there first); `recognise(folder)` says
+    whether an existing folder looks like this dataset (cheap: names only, no file read), so that a data.root
+    given to the wrong `data=` can be answered with the right one."""
 
     name: str
     kind: str
     check: Callable[[Mapping[str, Any]], None]
     locate: Callable[[Mapping[str, Any]], Path]
     embedded: bool = False
+    recognise: Callable[[Path], bool] | None = None
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset", "data.name")
@@ -48,6 +51,18 @@ def dataset_for(data_cfg: Mapping[str, Any], kind: str) -> DatasetSpec:
         raise ValueError(f"data.name={data_cfg.get('name')!r} is not a {kind} dataset; valid: "
                          f"{', '.join(names_for(kind))}")
     return DATASETS.get(name)
+
+
+def datasets_recognising(folder: Path) -> list[DatasetSpec]:
+    """The registered datasets whose layout `folder` has (registration order)."""
+    found = []
+    for _name, spec in DATASETS.items():
+        try:
+            if spec.recognise is not None and spec.recognise(folder):
+                found.append(spec)
+        except OSError:
+            continue  # an unreadable folder is simply not recognised
+    return found
 
 
 def data_root(data_cfg: Mapping[str, Any]) -> Path:

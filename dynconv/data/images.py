@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["CorruptImageError", "CorruptSample", "load_rgb"]
 
@@ -48,6 +48,13 @@ class CorruptSample:
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        # PIL's own message repeats the path inside a file-object repr; say what it means instead.
+        return "not in an image format PIL can read (an empty, cut-off or non-image file)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Fully decode ``path`` and return it as an RGB image, or raise CorruptImageError."""
     try:
@@ -62,4 +69,4 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL plugins raise many unrelated types on bad input
-        raise CorruptImageError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise CorruptImageError(path, _reason(exc)) from exc

@@ -25,8 +25,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
-    """Join the process group if launched by torchrun or submitit; pick the device for this rank."""
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Join the process group if launched by torchrun or submitit; pick the device for this rank.
+
+    `timeout_s` bounds every collective (`dist.timeout_s`): a rank that died or hangs makes the others fail with
+    an error after at most that long instead of waiting forever (gloo also fails at once when a peer's connection
+    closes; NCCL aborts the communicator on timeout, torch's default error handling)."""
     if "SUBMITIT_EXECUTOR" in os.environ and "RANK" not in os.environ:
         import submitit
 
@@ -50,7 +54,10 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
 
     if world_size > 1 and not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend=chosen, init_method="env://")
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=float(timeout_s)) if timeout_s else None
+        dist.init_process_group(backend=chosen, init_method="env://", timeout=timeout)
     return DistInfo(rank, world_size, local_rank, torch_device)
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dynconv.build import build_backbone
 from dynconv.config import ConfigError, validate_data_config, validate_model_config
-from dynconv.engine.checkpoint import load_checkpoint
+from dynconv.engine.checkpoint import ema_weights, load_checkpoint
 from dynconv.engine.distributed import init_distributed
 from dynconv.profiling import count_macs, count_params, fold_for_inference
 
@@ -53,7 +53,7 @@ def load_for_evaluation(cfg: DictConfig, check_run_config: Callable[[DictConfig]
         check_run_config(run_cfg)
     state = payload["model"]
     if cfg.weights == "ema":
-        ema_state = payload.get("hooks", {}).get("EMAHook", {}).get("ema")
+        ema_state = ema_weights(payload)
         if ema_state is None:
             raise ConfigError(f"weights=ema but {cfg.checkpoint} holds no EMA weights (recipe.ema.enabled was false)")
         state = ema_state

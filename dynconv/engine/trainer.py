@@ -1,7 +1,13 @@
 """The training loop: one epoch of forward/backward/step, everything else in hooks.
 
-Hot path per step: move the batch, forward under autocast, backward, optimizer step, hooks. No host
-synchronisation happens here (loss values stay on the device; hooks that print them do so every N steps).
+Hot path per step: move the batch, forward under autocast, backward, optimizer step, hooks. One host
+synchronisation per step: the non-finite guard reads one flag (is the loss and the gradient norm finite, on every
+rank) to decide whether the optimizer may step (dynconv/engine/nonfinite.py); loss values stay on the device
+otherwise (hooks that print them do so every N steps).
+
+However training ends (finished, stopped, raised), `close` runs: the hooks release what they hold (signal
+handlers, TensorBoard files) and the DataLoader workers are shut down, so that an exception never leaves the
+process waiting on its workers (dynconv/engine/shutdown.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from dynconv.engine.checkpoint import capture_rng_state, restore_rng_state
 from dynconv.engine.distributed import DistInfo, all_reduce_sum
 from dynconv.engine.hooks import Hook
+from dynconv.engine.nonfinite import NonFiniteGuard, all_ranks_finite, grad_norm
+from dynconv.engine.shutdown import shutdown_iterator, shutdown_loader
 
 
 class Trainer:
@@ -37,6 +45,7 @@ class Trainer:
         clip_grad: float | None = None,
         channels_last: bool = False,
         compile_model: bool = False,
+        max_nonfinite: int = 10,
         log: logging.Logger | None = None,
     ):
         self.model = model
@@ -84,6 +93,8 @@ class Trainer:
         self.skipped_images: list[str] = []
         self.stop_reason: str | None = None
         self.exit_code = 0
+        self.nonfinite = NonFiniteGuard(max_nonfinite)
+        self.step_skipped = False  # the last step's loss or gradients were non-finite: no update was made
 
     # ----------------------------------------------------------------------------------------------- hooks
     def register_hooks(self, hooks: list[Hook]) -> None:
@@ -92,6 +103,24 @@ class Trainer:
     def _call(self, event: str) -> None:
         for hook in self.hooks:
             getattr(hook, event)(self)
+
+    def close(self) -> None:
+        """Release everything, on every path out of `train` (success, stop request, exception): hooks' `close`
+        (errors there are logged, never raised over the original one) and the loaders' worker processes."""
+        for hook in self.hooks:
+            try:
+                hook.close(self)
+            except Exception as error:  # noqa: BLE001 - cleanup must not hide why training ended
+                self.log.warning("closing %s failed: %s", type(hook).__name__, error)
+        for loader in (self.train_loader, self.val_loader):
+            shutdown_loader(loader)
+
+    def last_good_checkpoint(self) -> str | None:
+        """The newest checkpoint on disk (for error messages), or None."""
+        for hook in self.hooks:
+            if callable(getattr(hook, "last_good", None)):
+                return hook.last_good()
+        return None
 
     # ------------------------------------------------------------------------------------------------ loop
     def autocast(self):
@@ -106,6 +135,12 @@ class Trainer:
         self.stop_reason, self.exit_code = reason, exit_code
 
     def train(self) -> None:
+        try:
+            self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> None:
         self._call("before_train")
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch = epoch
@@ -129,7 +164,25 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = torch.zeros((), dtype=torch.float64, device=device)
         skipped_before = len(self.skipped_images)
-        for batch in self.train_loader:
+        # An explicit iterator, so that an exception can stop its workers (the traceback would keep it alive).
+        iterator = iter(self.train_loader)
+        try:
+            self._run_steps(iterator, device, loss_sum, seen)
+        except BaseException:
+            shutdown_iterator(iterator)
+            raise
+        if self.stop_reason:
+            return
+        totals = all_reduce_sum(torch.stack([loss_sum, seen]))
+        self.epoch_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        newly_skipped = self.skipped_images[skipped_before:]
+        if newly_skipped:
+            shown = ", ".join(newly_skipped[:10]) + (" ..." if len(newly_skipped) > 10 else "")
+            self.log.warning("epoch %d: skipped %d undecodable image(s) on rank %d: %s", self.epoch + 1,
+                             len(newly_skipped), self.dist.rank, shown)
+
+    def _run_steps(self, iterator, device, loss_sum: torch.Tensor, seen: torch.Tensor) -> None:
+        for batch in iterator:
             self.skipped_images.extend(batch[2])
             if batch[0] is None:  # the whole batch was undecodable images
                 if self.dist.distributed:
@@ -144,40 +197,50 @@ class Trainer:
             with self.autocast():
                 loss, batch_size, loss_terms = self.task.forward_loss(self.train_model, inputs, targets)
             self.optimizer.zero_grad(set_to_none=True)
-            self._backward_and_step(loss)
+            finite = self._backward_and_step(loss)
 
             self.global_step += 1
             self.batches_done += 1
+            self.step_skipped = not finite
+            if not finite and self.dist.is_main:
+                self.log.warning("step %d (epoch %d): non-finite loss or gradients, step skipped (%d in a row, %d in "
+                                 "total)", self.global_step, self.epoch + 1, self.nonfinite.consecutive + 1,
+                                 self.nonfinite.total + 1)
+            self.nonfinite.record(finite, self.global_step, self.epoch, self.last_good_checkpoint)
             self.last_loss = loss.detach()
             self.last_batch_size = batch_size
             # Loss components stay on the device; the loggers read them every `log.every` steps.
             self.loss_terms = {f"train/{key}": value.detach() for key, value in loss_terms.items()}
-            loss_sum += self.last_loss.double() * self.last_batch_size
-            seen += self.last_batch_size
+            if finite:  # a skipped step's loss is not part of the epoch's mean
+                loss_sum += self.last_loss.double() * self.last_batch_size
+                seen += self.last_batch_size
             self._call("after_step")
             if self.stop_reason:
                 return
-        totals = all_reduce_sum(torch.stack([loss_sum, seen]))
-        self.epoch_loss = (totals[0] / totals[1].clamp(min=1)).item()
-        newly_skipped = self.skipped_images[skipped_before:]
-        if newly_skipped:
-            shown = ", ".join(newly_skipped[:10]) + (" ..." if len(newly_skipped) > 10 else "")
-            self.log.warning("epoch %d: skipped %d undecodable image(s) on rank %d: %s", self.epoch + 1,
-                             len(newly_skipped), self.dist.rank, shown)
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
+    def _backward_and_step(self, loss: torch.Tensor) -> bool:
+        """Backward and, unless the loss or the gradients are non-finite on some rank, the optimizer step.
+        Returns whether the step counted as finite (a skipped step leaves the weights and optimizer untouched)."""
         if self.scaler is not None:
+            # fp16: GradScaler skips overflowing steps itself and lowers its scale (kept as it is); a non-finite
+            # loss is only counted, so that a run that diverges for good still stops.
             self.scaler.scale(loss).backward()
             if self.clip_grad:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            return all_ranks_finite(loss)
+        loss.backward()
+        if self.clip_grad:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         else:
-            loss.backward()
-            if self.clip_grad:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-            self.optimizer.step()
+            norm = grad_norm(self.model.parameters())
+        if not all_ranks_finite(loss, norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        return True
 
     # ---------------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -192,7 +255,8 @@ class Trainer:
         return metrics.get(key, float("-inf")) > self.best_metrics.get(key, float("-inf"))
 
     def record_eval(self, metrics: dict[str, float]) -> None:
-        self.metrics = {**metrics, "epoch": self.epoch + 1, "train_loss": self.epoch_loss}
+        self.metrics = {**metrics, "epoch": self.epoch + 1, "train_loss": self.epoch_loss,
+                        "nonfinite_steps": self.nonfinite.total}
         self.is_best = self.improves(metrics)
         if self.is_best:
             self.best_metrics = dict(self.metrics)
@@ -213,6 +277,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "metrics": dict(self.metrics),
             "best_metrics": dict(self.best_metrics),
+            "nonfinite": self.nonfinite.state_dict(),
             "world_size": self.dist.world_size,
             "config": self.config,
         }
@@ -234,6 +299,7 @@ class Trainer:
         self.global_step = int(payload["global_step"])
         self.metrics = dict(payload.get("metrics", {}))
         self.best_metrics = dict(payload.get("best_metrics", {}))
+        self.nonfinite.load_state_dict(payload.get("nonfinite", {}))
         self.resumed_from = self.start_epoch
         if payload.get("world_size", 1) == self.dist.world_size:
             restore_rng_state(payload["rng"])

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynconv.build import build_backbone
 from dynconv.config import ConfigError, checkpoint_mismatch, validate_train_config
 from dynconv.engine import hooks as H
-from dynconv.engine.checkpoint import atomic_write, load_checkpoint
+from dynconv.engine.checkpoint import atomic_write, find_resumable, load_checkpoint, remove_stale_temporaries
 from dynconv.engine.distributed import DistInfo, init_distributed
 from dynconv.engine.trainer import Trainer
 from dynconv.functional import selector
@@ -47,13 +47,41 @@ def _amp_dtype(mode: str) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
-def _find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+def load_resume_state(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from: `resume=<path>`, or with `resume=auto` the run folder's newest readable full
+    state (`last.pt`, else `previous.pt`: a corrupt `last.pt` is reported and skipped). Leftover temporary files
+    of a killed writer are removed first."""
     if cfg.resume == "never":
-        return None
-    if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
-    return Path(cfg.resume)
+        return None, None
+    if cfg.resume != "auto":
+        return Path(cfg.resume), load_checkpoint(cfg.resume)
+    for folder in (run_dir / "checkpoints", run_dir):
+        for stale in remove_stale_temporaries(folder):
+            log.warning("removed %s, left by a writer that was killed before it finished", stale)
+    path, payload, problems = find_resumable(run_dir / "checkpoints")
+    for problem in problems:
+        log.warning("%s", problem)
+    if problems and path is not None:
+        log.warning("resuming from %s instead", path)
+    elif problems:
+        log.warning("no readable checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+    return path, payload
+
+
+def class_names(data) -> list[str] | None:
+    """The class names of a task's data (an ImageFolder's folders, CIFAR's meta, COCO's categories), for best.pt."""
+    names = getattr(data, "class_names", None)
+    if names:
+        return list(names)
+    dataset = getattr(data.val_loader, "dataset", None)
+    while dataset is not None:
+        if getattr(dataset, "classes", None):
+            return [str(name) for name in dataset.classes]
+        coco, ids = getattr(dataset, "coco", None), getattr(data, "category_ids", None)
+        if coco is not None and ids:
+            return [category["name"] for category in coco.loadCats(list(ids))]
+        dataset = getattr(dataset, "dataset", None)
+    return None
 
 
 def build_optimizer_and_scheduler(model, recipe, updates_per_epoch: int):
@@ -106,7 +134,8 @@ def conv_algorithm_policy(cfg: DictConfig) -> str:
     return "model" if cfg.deterministic and policy == "measure" else policy
 
 
-def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Path) -> list[H.Hook]:
+def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Path,
+                  names: list[str] | None = None) -> list[H.Hook]:
     """The hooks of a training run, in call order.
 
     The lr is set before the step; a stop request is raised before the checkpoint hook looks for it;
@@ -120,7 +149,9 @@ def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Pa
         ema_hook,
         H.PreemptionHook(cfg.log.every),
         H.EvalHook(cfg.recipe.eval_every, ema_hook),
-        H.CheckpointHook(run_dir / "checkpoints", cfg.checkpoint.save_best) if cfg.checkpoint.enabled else None,
+        H.CheckpointHook(run_dir / "checkpoints", cfg.checkpoint.save_best, keep_last=cfg.checkpoint.keep_last,
+                         on_write_error=cfg.checkpoint.on_write_error, class_names=names)
+        if cfg.checkpoint.enabled else None,
         H.TensorBoardHook(run_dir / "tensorboard", cfg.log.every) if dist.is_main and cfg.log.tensorboard else None,
         H.ProgressHook(cfg.log.every) if dist.is_main and cfg.log.progress_bar else None,
     ]
@@ -133,10 +164,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
     policy = conv_algorithm_policy(cfg)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     config_dict["conv_algorithm"] = policy  # the saved config records the policy in force
-    resume_path = _find_resume_checkpoint(cfg, run_dir)
-    payload = None
-    if resume_path is not None:
-        payload = load_checkpoint(resume_path)
+    resume_path, payload = load_resume_state(cfg, run_dir)
+    if payload is not None:
         mismatch = checkpoint_mismatch(payload.get("config", {}), config_dict)
         if mismatch:
             raise ConfigError(
@@ -150,7 +179,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
 
 def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload: dict[str, Any] | None,
            resume_path: Path | None) -> tuple[dict[str, Any], int]:
-    dist = init_distributed(cfg.device, cfg.dist.backend)
+    dist = init_distributed(cfg.device, cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     _silence_other_ranks(dist)
     seed_everything(cfg.seed)
     if cfg.deterministic:
@@ -191,12 +220,18 @@ def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload:
         model=model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=data.train_loader,
         train_sampler=data.train_sampler, val_loader=data.val_loader, dist=dist, epochs=cfg.recipe.epochs,
         config=config_dict, amp_dtype=_amp_dtype(cfg.recipe.amp), clip_grad=cfg.recipe.clip_grad,
-        channels_last=cfg.recipe.channels_last, compile_model=cfg.recipe.compile, log=log,
+        channels_last=cfg.recipe.channels_last, compile_model=cfg.recipe.compile,
+        max_nonfinite=cfg.nonfinite.max_consecutive, log=log,
     )
-    trainer.register_hooks(default_hooks(cfg, model, scheduler, dist, run_dir))
+    trainer.register_hooks(default_hooks(cfg, model, scheduler, dist, run_dir, class_names(data)))
+    from dynconv.engine.faults import fault_hooks
+
+    trainer.register_hooks(fault_hooks(dist))  # DYNCONV_FAULTS only: the reliability tests' injected failures
     if payload is not None:
         trainer.resume(payload)
-        log.info("resumed from %s (epoch %d, batch %d)", resume_path, trainer.start_epoch, trainer.batches_done)
+        state = "already complete" if trainer.start_epoch >= cfg.recipe.epochs else "resuming"
+        log.info("%s: run %s from %s (epoch %d of %d, batch %d)", state, run_dir, resume_path, trainer.start_epoch,
+                 cfg.recipe.epochs, trainer.batches_done)
         del payload
 
     started = time.perf_counter()
@@ -211,10 +246,12 @@ def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload:
         "world_size": dist.world_size,
         "run_dir": str(run_dir.resolve()),
         "resumed_from": trainer.resumed_from,
+        "resumed_checkpoint": str(resume_path) if trainer.resumed_from is not None else None,
         "status": "stopped" if trainer.stop_reason else "completed",
         "params": params,
         "train_time_s": round(elapsed, 2),
         "skipped_images": len(trainer.skipped_images),
+        "nonfinite_steps": trainer.nonfinite.total,
     })
     for key in task.result_keys():
         if f"ema_{key}" in metrics:

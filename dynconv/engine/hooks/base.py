@@ -1,7 +1,8 @@
 """Hooks around the training loop (detectron2's pattern): each concern is one small object.
 
 The loop calls, in order of the hook list: before_train, then per epoch before_epoch, per step
-before_step / after_step, after_epoch, and finally after_train. Hooks read and write the trainer's
+before_step / after_step, after_epoch, and finally after_train; `close` runs on every path out of training
+(also after a stop request or an exception) to release what a hook holds. Hooks read and write the trainer's
 public state (epoch, global_step, last_loss, metrics, ...); they never reach into the config.
 """
 
@@ -25,6 +26,8 @@ class Hook:
     def after_epoch(self, trainer: "Trainer") -> None: ...
 
     def after_train(self, trainer: "Trainer") -> None: ...
+
+    def close(self, trainer: "Trainer") -> None: ...
 
     # Hooks with state that must survive a resume (e.g. EMA) return it here; it goes in the checkpoint.
     def state_dict(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ class EMAHook(Hook):
         self.ema = ModelEmaV3(model, decay=decay, use_warmup=warmup)
 
     def after_step(self, trainer):
-        self.ema.update(trainer.model, step=trainer.global_step)
+        if not trainer.step_skipped:  # a skipped (non-finite) step changed no weight
+            self.ema.update(trainer.model, step=trainer.global_step)
 
     def state_dict(self):
         return {"ema": self.ema.module.state_dict()}

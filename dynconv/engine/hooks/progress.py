@@ -27,6 +27,6 @@ class ProgressHook(Hook):
         if self.bar is not None:
             self.bar.close()
 
-    def after_train(self, trainer):
+    def close(self, trainer):
         if self.bar is not None:
             self.bar.close()

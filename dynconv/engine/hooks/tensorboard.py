@@ -32,6 +32,7 @@ class TensorBoardHook(Hook):
         if elapsed > 0:
             # Throughput over all ranks: each rank sees 1/world_size of the images.
             self.writer.add_scalar("train/throughput", self._window_images * trainer.dist.world_size / elapsed, step)
+        self.writer.add_scalar("train/nonfinite_steps", trainer.nonfinite.total, step)
         for key, value in {**trainer.scalars, **trainer.loss_terms}.items():
             self.writer.add_scalar(key, float(value), step)
         self._window_start, self._window_images = now, 0
@@ -43,5 +44,5 @@ class TensorBoardHook(Hook):
         self.writer.add_scalar("train/epoch_loss", trainer.epoch_loss, trainer.epoch + 1)
         self.writer.flush()
 
-    def after_train(self, trainer):
+    def close(self, trainer):
         self.writer.close()

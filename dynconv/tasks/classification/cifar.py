@@ -8,7 +8,8 @@ b"fine_labels" (N ints in 0..99), and `meta` with b"fine_label_names". `data.roo
 
 Why not torchvision's CIFAR100: it checks md5 sums of the whole release and its errors name neither
 `data.root` nor the expected files. Reading the pickles here is a few lines, and a wrong file fails at once,
-naming it.
+naming it. The pickles are untrusted input (plain `pickle.load` runs whatever code a crafted file names), so
+they go through `dynconv.data.safe_pickle`, which rebuilds only numpy arrays and builtin containers.
 
 Augmentation is CIFAR's own (the recipe of the paper's [42], bearpaw/pytorch-classification): zero-pad
 `data.crop_padding` pixels, take a random 32 x 32 crop, flip horizontally with `recipe.aug.hflip`. timm's
@@ -18,7 +19,6 @@ ImageNet pipeline (RandomResizedCrop, ...) does not apply, so the other `recipe.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,6 +26,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+
+from dynconv.data.errors import DataError
+from dynconv.data.safe_pickle import UnsafePickleError, load_data_pickle
 
 __all__ = ["CIFAR100_FILES", "CIFAR100_LAYOUT", "Cifar100", "cifar_transforms", "locate_cifar100"]
 
@@ -49,15 +52,19 @@ def locate_cifar100(root: str | Path) -> Path:
     raise FileNotFoundError(f"CIFAR-100 files missing: {missing} ({CIFAR100_LAYOUT})")
 
 
+_REPLACE = "replace it with the file of the same name from cifar-100-python.tar.gz"
+
+
 def _load(path: Path) -> dict:
     try:
-        with open(path, "rb") as handle:
-            content = pickle.load(handle, encoding="bytes")
+        content = load_data_pickle(path, encoding="bytes")
+    except UnsafePickleError as error:
+        raise DataError(f"{error} ({CIFAR100_LAYOUT})") from None
     except Exception as error:  # noqa: BLE001 - unpickling a wrong file raises many unrelated types
-        raise ValueError(f"{path} is not a CIFAR pickle ({type(error).__name__}: {error}; "
-                         f"{CIFAR100_LAYOUT})") from None
+        raise DataError(f"{path} is not a CIFAR pickle ({type(error).__name__}: {error}); {_REPLACE} "
+                        f"({CIFAR100_LAYOUT})") from None
     if not isinstance(content, dict):
-        raise ValueError(f"{path} holds a {type(content).__name__}, not a dict ({CIFAR100_LAYOUT})")
+        raise DataError(f"{path} holds a {type(content).__name__}, not a dict; {_REPLACE} ({CIFAR100_LAYOUT})")
     return content
 
 
@@ -66,21 +73,21 @@ def _field(content: dict, key: str, path: Path) -> Any:
     for candidate in (key.encode(), key):
         if candidate in content:
             return content[candidate]
-    raise ValueError(f"{path} has no b'{key}' entry ({CIFAR100_LAYOUT})")
+    raise DataError(f"{path} has no b'{key}' entry; {_REPLACE} ({CIFAR100_LAYOUT})")
 
 
 def read_split(path: Path, num_classes: int) -> tuple[np.ndarray, list[int]]:
-    """Images as N x 32 x 32 x 3 uint8 (HWC, what PIL expects) and their fine labels; ValueError naming the file."""
+    """Images as N x 32 x 32 x 3 uint8 (HWC, what PIL expects) and their fine labels; DataError naming the file."""
     content = _load(path)
     data = np.asarray(_field(content, "data", path))
     labels = [int(label) for label in _field(content, "fine_labels", path)]
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS:
-        raise ValueError(f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 N x {PIXELS}")
+        raise DataError(f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 N x {PIXELS}; {_REPLACE}")
     if len(labels) != len(data):
-        raise ValueError(f"{path}: {len(labels)} fine_labels for {len(data)} images")
+        raise DataError(f"{path}: {len(labels)} fine_labels for {len(data)} images; {_REPLACE}")
     if labels and not 0 <= min(labels) <= max(labels) < num_classes:
-        raise ValueError(f"{path}: fine_labels outside 0..{num_classes - 1} "
-                         f"(the meta file names {num_classes} classes)")
+        raise DataError(f"{path}: fine_labels outside 0..{num_classes - 1} "
+                        f"(the meta file names {num_classes} classes); {_REPLACE}")
     return data.reshape(-1, 3, SIDE, SIDE).transpose(0, 2, 3, 1), labels
 
 

@@ -7,7 +7,9 @@ exercise the real ImageFolder code path) without downloading anything.
 The tree is written once and then reused.  Writing is atomic: everything goes
 into a temporary sibling directory that is ``os.rename``-d into place, so a
 reader never sees a half-written tree and several processes (e.g. DDP ranks on
-one machine) may call :func:`ensure_digits_imagefolder` at the same time.
+one machine) may call :func:`ensure_digits_imagefolder` at the same time. A ``root`` that holds anything
+else (a user's own dataset given without ``data=imagefolder``) is refused before anything is written, naming
+the ``data=`` that reads it (:mod:`dynconv.data.write_once`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dynconv.data.write_once import MARKER, read_marker, write_tree_once
+from dynconv.data.errors import DataError
+from dynconv.data.write_once import MARKER, read_marker, root_holds_tree, write_tree_once
 
-__all__ = ["ensure_digits_imagefolder", "DIGITS_TRAIN_COUNT", "DIGITS_VAL_COUNT"]
+__all__ = ["check_digits_root", "ensure_digits_imagefolder", "DIGITS_TRAIN_COUNT", "DIGITS_VAL_COUNT"]
 
 DIGITS_TRAIN_COUNT = 1437
 DIGITS_VAL_COUNT = 360
@@ -79,11 +82,19 @@ def _check_existing(root: Path, image_size: int) -> bool:
     if marker is None:
         return False
     if marker != _expected_marker(image_size):
-        raise ValueError(
-            f"{root} already holds a digits dataset written with different settings "
-            f"({marker}); expected {_expected_marker(image_size)}. Delete it or choose another root."
+        raise DataError(
+            f"{root} already holds a dataset tree written with different settings ({marker}; data=digits with "
+            f"data.image_size={image_size} needs {_expected_marker(image_size)}); nothing was changed there. "
+            f"Pass data.root=NEW_DIR, a new or empty folder (e.g. {root}-{image_size}px), to write this one, or "
+            f"the data.image_size it was written with."
         )
     return True
+
+
+def check_digits_root(root: str | os.PathLike, image_size: int = 32) -> None:
+    """Refuse, without writing anything, a ``root`` that holds something other than this digits tree."""
+    root = Path(root).expanduser().absolute()
+    root_holds_tree(root, "digits", lambda path: _check_existing(path, int(image_size)))
 
 
 def ensure_digits_imagefolder(root: str | os.PathLike, image_size: int = 32) -> Path:

@@ -6,16 +6,23 @@ missing: crowd annotations and zero-size boxes must not reach the loss, images l
 are useless in training (but still part of the evaluation), category ids (1..90 with holes in COCO) must
 become contiguous labels, and a missing or corrupt file must be reported by its path.  Every dropped item
 is counted in ``stats`` so the build can log what was left out instead of silently training on less.
+
+What the annotation file says is checked when the dataset is built, before training: an unreadable file,
+images that are missing, empty (0 bytes) or of zero area, and annotations of a category the file does not
+list. ``strict`` stops on the first such problem with a DataError naming the file; non-strict leaves the
+item out, counts it and names it in a warning. A split with no usable image at all is an error either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import warnings
 from collections import Counter
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -24,7 +31,9 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection
 
+from dynconv.data.errors import DataError, MissingFilesError
 from dynconv.data.images import CorruptImageError, CorruptSample, load_rgb
+from dynconv.data.json_files import check_json_object_start, describe_json_error
 
 __all__ = [
     "CocoDetectionDataset",
@@ -46,10 +55,11 @@ def annotation_file(root: str | os.PathLike, split: str) -> Path:
 
 
 def validate_coco_root(root: str | os.PathLike | None, splits: Sequence[str] = ("train2017", "val2017")) -> Path:
-    """Check the COCO directory layout without reading any JSON or image; returns the root as a Path.
+    """Check the COCO directory layout, reading only the first bytes of each annotation file (it must start a
+    JSON object) and no image; returns the root as a Path.
 
-    Meant for config validation, so a wrong ``data.root`` fails in a second, naming the missing path,
-    instead of after the model was built.
+    Meant for config validation, so a wrong ``data.root`` or an annotation file that is an HTML page or an
+    archive fails in a second, naming the path, instead of after the model was built.
     """
     if root is None or not str(root).strip():
         raise ValueError(f"data.root must be set for a COCO-format dataset ({EXPECTED_COCO_LAYOUT})")
@@ -60,9 +70,18 @@ def validate_coco_root(root: str | os.PathLike | None, splits: Sequence[str] = (
         ann = annotation_file(root, split)
         if not ann.is_file():
             raise FileNotFoundError(f"annotation file not found: {ann} ({EXPECTED_COCO_LAYOUT})")
+        try:
+            check_json_object_start(ann)
+        except ValueError as error:
+            raise ValueError(f"{error}; {_REPLACE_ANNOTATIONS} ({EXPECTED_COCO_LAYOUT})") from None
         if not (root / split).is_dir():
             raise FileNotFoundError(f"image directory not found: {root / split} ({EXPECTED_COCO_LAYOUT})")
     return root
+
+
+_REPLACE_ANNOTATIONS = ("expected a COCO instances file (a JSON object with \"images\", \"annotations\" and "
+                        "\"categories\"); replace it with the dataset's annotation file of that name")
+_STRICT_HINT = "or set data.strict=false to leave such items out (they are counted and named in a warning)"
 
 
 def _quiet():
@@ -110,9 +129,15 @@ class CocoDetectionDataset(CocoDetection):
       SanitizeBoundingBoxes keeps, so nothing is dropped later without being counted.
     * ``train=True``: images with no annotation left are skipped (``stats["images_without_annotations"]``);
       ``train=False`` keeps them, since evaluation must see every image.
-    * Image files are checked to exist here: strict raises FileNotFoundError naming the first missing
-      path; non-strict leaves them out (``stats["missing_images"]``, ``missing_paths``).
-    * An undecodable file at load time raises CorruptImageError (strict) or yields a CorruptSample.
+    * Each image is checked here, from the JSON and one ``stat`` (no decoding): a missing file
+      (``stats["missing_images"]``, ``missing_paths``), an empty one (``empty_image_files``) and an ``images``
+      entry of zero area (``zero_size_images``). Strict raises (MissingFilesError, a FileNotFoundError, for
+      missing files; DataError otherwise) naming the first one; non-strict leaves them out (``skipped``
+      names them). An annotation whose category is not in ``categories`` is the same kind of problem
+      (``stats["unknown_category_dropped"]``).
+    * An unreadable annotation file, or one whose images are all unusable, is a DataError either way.
+    * An undecodable file at load time raises CorruptImageError (strict) or yields a CorruptSample
+      (``defer_corrupt=True``: always a CorruptSample, for a loader that applies strictness itself).
     """
 
     def __init__(
@@ -125,21 +150,47 @@ class CocoDetectionDataset(CocoDetection):
         strict: bool = True,
         transforms: Callable | None = None,
         category_ids: Sequence[int] | None = None,
+        defer_corrupt: bool = False,
     ) -> None:
-        with _quiet():
-            super().__init__(str(image_dir), str(ann_file), transforms=transforms)
+        try:
+            with _quiet():
+                super().__init__(str(image_dir), str(ann_file), transforms=transforms)
+        except (ValueError, AssertionError, KeyError, TypeError) as error:  # json's and pycocotools' failures
+            raise DataError(f"cannot read the annotation file {ann_file}: {describe_json_error(error)}; "
+                            f"{_REPLACE_ANNOTATIONS} ({EXPECTED_COCO_LAYOUT})") from None
         self.ann_file = str(ann_file)
         self.train = bool(train)
         self.with_masks = bool(with_masks)
         self.strict = bool(strict)
+        self.defer_corrupt = bool(defer_corrupt)
         # Sorted category ids -> labels 1..K (0 is the background in torchvision's detectors).
         self.category_ids = sorted(int(c) for c in (category_ids if category_ids is not None
                                                      else self.coco.getCatIds()))
         self._label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
         self.stats: Counter = Counter()
         self._targets: dict[int, tuple[np.ndarray, np.ndarray, list[dict]]] = {}
-        self.missing_paths: list[str] = []
+        # stats key -> descriptions of what was left out (non-strict), for the warning.
+        self.skipped: dict[str, list[str]] = {}
+        self._problems: list[tuple[str, str, type[DataError]]] = []
         self.ids = self._usable_ids()
+
+    @property
+    def missing_paths(self) -> list[str]:
+        return self.skipped.get("missing_images", [])
+
+    def _problem(self, key: str, description: str, fix: str, error: type[DataError] = DataError) -> None:
+        """Record an unusable item under `key`; strict mode raises for the first one after the whole scan."""
+        self.stats[key] += 1
+        self.skipped.setdefault(key, []).append(description)
+        self._problems.append((description, fix, error))
+
+    def _raise_if_strict(self) -> None:
+        if not self.strict or not self._problems:
+            return
+        description, fix, error = self._problems[0]
+        more = len(self._problems) - 1
+        counted = f" (and {more} more problem(s) in the same file)" if more else ""
+        raise error(f"{description}{counted}; {fix}, {_STRICT_HINT}")
 
     def _path(self, image_id: int) -> str:
         return os.path.join(self.root, self.coco.imgs[image_id]["file_name"])
@@ -152,12 +203,21 @@ class CocoDetectionDataset(CocoDetection):
             if ann.get("iscrowd", 0):
                 self.stats["crowd_ignored"] += 1
                 continue
-            if ann["category_id"] not in self._label_of:
-                raise ValueError(
-                    f"annotation {ann.get('id')} of image {image_id} in {self.ann_file} has category_id "
-                    f"{ann['category_id']}, which is not among the categories {self.category_ids}"
-                )
-            x1, y1, x2, y2 = _clipped_xyxy(ann["bbox"], width, height)
+            if ann.get("category_id") not in self._label_of:
+                self._problem("unknown_category_dropped",
+                              f"annotation {ann.get('id')} (image {image_id}) of {self.ann_file} has category_id "
+                              f"{ann.get('category_id')!r}, which is not among its categories {self.category_ids}",
+                              "add that category to \"categories\" or correct the annotation")
+                continue
+            bbox = ann.get("bbox")
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            for v in bbox)):
+                self._problem("malformed_boxes_dropped",
+                              f"annotation {ann.get('id')} (image {image_id}) of {self.ann_file} has bbox "
+                              f"{bbox!r}", "give it [x, y, width, height] in pixels")
+                continue
+            x1, y1, x2, y2 = _clipped_xyxy(bbox, width, height)
             if x2 - x1 < 1 or y2 - y1 < 1:
                 self.stats["degenerate_dropped"] += 1
                 continue
@@ -166,20 +226,46 @@ class CocoDetectionDataset(CocoDetection):
             anns.append(ann)
         return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64), anns)
 
+    def _image_problem(self, image_id: int) -> tuple[str, str, str, type[DataError]] | None:
+        """(stats key, description, fix, error type) of an image entry that cannot be used, from the JSON and
+        one stat of its file; None when it is fine."""
+        info = self.coco.imgs[image_id]
+        listed = f"image {image_id} of {self.ann_file}"
+        size = (info.get("width"), info.get("height"))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in size):
+            description = f"{listed} has width {size[0]!r} and height {size[1]!r} (a zero-area image holds no box)"
+            return "zero_size_images", description, "correct its \"width\" and \"height\"", DataError
+        if not info.get("file_name"):
+            return "missing_images", f"{listed} has no file_name", "add it", MissingFilesError
+        path = self._path(image_id)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
+            return ("missing_images", f"image file not found: {path} ({listed})",
+                    f"check that {self.root} holds the images the file lists", MissingFilesError)
+        if stat.st_size == 0:
+            return ("empty_image_files", f"image file {path} is empty (0 bytes; {listed})",
+                    "replace it with the dataset's file", DataError)
+        return None
+
     def _usable_ids(self) -> list[int]:
+        if not self.ids:
+            raise DataError(f"{self.ann_file} lists no images; {_REPLACE_ANNOTATIONS}")
         present = []
         for image_id in self.ids:
-            if os.path.isfile(self._path(image_id)):
+            problem = self._image_problem(image_id)
+            if problem is None:
                 present.append(image_id)
             else:
-                self.missing_paths.append(self._path(image_id))
-        if self.missing_paths and self.strict:
-            more = len(self.missing_paths) - 1
-            raise FileNotFoundError(
-                f"image file not found: {self.missing_paths[0]}"
-                + (f" (and {more} more of the {len(self.ids)} images listed in {self.ann_file})" if more else "")
-                + "; set data.strict=false to skip missing images"
-            )
+                self._problem(*problem)
+        if not present:  # nothing to skip to: an error whatever data.strict says
+            fix = (f"data.root or the data.*_split names probably point at the wrong folder: the images are "
+                   f"expected in {self.root}" if self.stats["missing_images"] == len(self.ids)
+                   else "correct the annotation file or the image files")
+            raise DataError(f"none of the {len(self.ids)} images listed in {self.ann_file} can be used (the "
+                            f"first: {self._problems[0][0]}); {fix}")
         self.stats["missing_images"] = len(self.missing_paths)
         kept = []
         for image_id in present:
@@ -189,6 +275,7 @@ class CocoDetectionDataset(CocoDetection):
                 continue
             self._targets[image_id] = target
             kept.append(image_id)
+        self._raise_if_strict()
         return kept
 
     @property
@@ -220,7 +307,7 @@ class CocoDetectionDataset(CocoDetection):
                 raise CorruptImageError(path, f"size {image.size[0]}x{image.size[1]} differs from the "
                                               f"annotation's {info['width']}x{info['height']}")
         except CorruptImageError as exc:
-            if self.strict:
+            if self.strict and not self.defer_corrupt:
                 raise
             return CorruptSample(path, exc.reason)
         boxes, labels, anns = self._targets[image_id]

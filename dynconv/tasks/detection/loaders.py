@@ -17,8 +17,10 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader
 
+from dynconv.data.checked_loader import CheckedDataLoader
 from dynconv.data.collate import split_corrupt
 from dynconv.data.datasets import dataset_for
+from dynconv.data.errors import DataError
 from dynconv.data.loader_options import fixed_subset, worker_options
 from dynconv.data.seeded import EpochSampler, SeededDataset
 from dynconv.tasks.detection.coco import CocoDetectionDataset, annotation_file, coco_subset, validate_coco_root
@@ -80,12 +82,22 @@ def split_name(data_cfg: Mapping[str, Any], which: str) -> str:
     return str(data_cfg.get(f"{which}_split") or f"{which}2017")
 
 
-def _warn_missing(dataset: CocoDetectionDataset) -> None:
-    if dataset.missing_paths:
-        shown = ", ".join(dataset.missing_paths[:5])
-        more = f" and {len(dataset.missing_paths) - 5} more" if len(dataset.missing_paths) > 5 else ""
-        log.warning("skipped %d missing image file(s) listed in %s (data.strict=false): %s%s",
-                    len(dataset.missing_paths), dataset.ann_file, shown, more)
+# What a non-strict build leaves out (CocoDetectionDataset.skipped keys), as the warnings word it.
+_LEFT_OUT = {
+    "missing_images": "missing image file(s)",
+    "empty_image_files": "empty (0-byte) image file(s)",
+    "zero_size_images": "zero-area image entry(ies)",
+    "unknown_category_dropped": "annotation(s) of a category not in \"categories\"",
+    "malformed_boxes_dropped": "annotation(s) without a valid bbox",
+}
+
+
+def _warn_skipped(dataset: CocoDetectionDataset) -> None:
+    for key, wording in _LEFT_OUT.items():
+        items = dataset.skipped.get(key, [])
+        if items:
+            shown = "; ".join(items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+            log.warning("left out %d %s (data.strict=false): %s", len(items), wording, shown)
 
 
 def build_detection_data(
@@ -107,24 +119,27 @@ def build_detection_data(
     root = _resolve_root(data_cfg)
     strict = bool(data_cfg.get("strict", True))
     train_split, val_split = split_name(data_cfg, "train"), split_name(data_cfg, "val")
+    # defer_corrupt: undecodable files reach the main process as skipped paths, and CheckedDataLoader applies
+    # data.strict there (one clean error instead of a worker traceback).
     train_set = CocoDetectionDataset(root / train_split, annotation_file(root, train_split), train=True,
-                                     with_masks=with_masks, strict=strict,
+                                     with_masks=with_masks, strict=strict, defer_corrupt=True,
                                      transforms=build_detection_transforms(data_cfg, True))
     val_set = CocoDetectionDataset(root / val_split, annotation_file(root, val_split), train=False,
-                                   with_masks=with_masks, strict=strict,
+                                   with_masks=with_masks, strict=strict, defer_corrupt=True,
                                    transforms=build_detection_transforms(data_cfg, False),
                                    category_ids=train_set.category_ids)
     if sorted(val_set.coco.getCatIds()) != train_set.category_ids:
         # Labels are positions in the sorted category list; a mismatch would shift them.
-        raise ValueError(f"the categories of {annotation_file(root, train_split)} and "
-                         f"{annotation_file(root, val_split)} differ")
-    _warn_missing(train_set)
-    _warn_missing(val_set)
+        raise DataError(f"the categories of {annotation_file(root, train_split)} and "
+                        f"{annotation_file(root, val_split)} differ; both splits need the same \"categories\"")
+    _warn_skipped(train_set)
+    _warn_skipped(val_set)
     full_train, full_val = len(train_set.ids), len(val_set.ids)
     train_set.ids = _limit_ids(train_set.ids, data_cfg.get("max_train_samples"))
     val_set.ids = _limit_ids(val_set.ids, data_cfg.get("max_val_samples"))
     if not train_set.ids:
-        raise ValueError(f"no training image with a usable annotation in {annotation_file(root, train_split)}")
+        raise DataError(f"no training image with a usable annotation in {annotation_file(root, train_split)}: "
+                        "training needs at least one non-crowd box of at least 1 x 1 pixel")
 
     stats = {
         "train_images": len(train_set.ids),
@@ -134,33 +149,40 @@ def build_detection_data(
         "crowd_ignored": train_set.stats["crowd_ignored"],
         "degenerate_dropped": train_set.stats["degenerate_dropped"],
         "train_images_without_annotations": train_set.stats["images_without_annotations"],
-        "missing_images": train_set.stats["missing_images"] + val_set.stats["missing_images"],
+        **{key: train_set.stats[key] + val_set.stats[key] for key in _LEFT_OUT},
     }
     limited = (f" (a fixed subset of {full_train} / {full_val})"
                if (full_train, full_val) != (stats["train_images"], stats["val_images"]) else "")
     log.info(
         "%s %s: %d train images with %d annotations, %d val images%s; ignored %d crowd annotations, "
-        "dropped %d degenerate boxes, skipped %d train images without annotations, %d missing image files",
+        "dropped %d degenerate boxes, skipped %d train images without annotations, %d missing image files; "
+        "left out %d empty image files, %d zero-area image entries, %d annotations of unknown categories, "
+        "%d annotations without a valid bbox",
         data_cfg.get("name"), root, stats["train_images"], stats["train_annotations"], stats["val_images"],
         limited, stats["crowd_ignored"], stats["degenerate_dropped"], stats["train_images_without_annotations"],
-        stats["missing_images"],
+        stats["missing_images"], stats["empty_image_files"], stats["zero_size_images"],
+        stats["unknown_category_dropped"], stats["malformed_boxes_dropped"],
     )
 
     val_image_ids = sorted(val_set.ids)
     val_coco = val_set.coco if len(val_image_ids) == len(val_set.coco.imgs) else coco_subset(val_set.coco,
                                                                                             val_image_ids)
-    common: dict[str, Any] = dict(collate_fn=collate_detection, **worker_options(data_cfg, pin_memory))
+    common: dict[str, Any] = dict(collate_fn=collate_detection, strict=strict, **worker_options(data_cfg, pin_memory))
     train_sampler = GroupedBatchSampler(train_set.group_ids(), int(recipe_cfg.get("batch_size")), seed=seed,
                                         rank=rank, world_size=world_size)
     val_sampler = EpochSampler(len(val_set), shuffle=False, seed=seed, rank=rank, world_size=world_size,
                                pad=False)
     # Private generators: DataLoader draws a base seed from it each epoch, which would otherwise advance
     # the global torch RNG.  Augmentation randomness comes from the per-sample seeds, not from this.
-    train_loader = DataLoader(SeededDataset(train_set), batch_sampler=train_sampler,
-                              generator=torch.Generator().manual_seed(seed), **common)
-    val_loader = DataLoader(SeededDataset(val_set), batch_size=int(recipe_cfg.get("eval_batch_size") or 2),
-                            sampler=val_sampler, drop_last=False, generator=torch.Generator().manual_seed(seed),
-                            **common)
+    # The trainer counts and warns about skipped training images itself; nothing reports evaluation ones.
+    train_loader = CheckedDataLoader(SeededDataset(train_set), batch_sampler=train_sampler,
+                                     generator=torch.Generator().manual_seed(seed),
+                                     source=f"the training split {root / train_split}", warn_skipped=False,
+                                     **common)
+    val_loader = CheckedDataLoader(SeededDataset(val_set), batch_size=int(recipe_cfg.get("eval_batch_size") or 2),
+                                   sampler=val_sampler, drop_last=False,
+                                   generator=torch.Generator().manual_seed(seed),
+                                   source=f"the validation split {root / val_split}", warn_skipped=True, **common)
     return DetectionData(
         train_loader=train_loader,
         val_loader=val_loader,

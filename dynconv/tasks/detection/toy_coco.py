@@ -10,7 +10,9 @@ the class, but always far in brightness from the background.  Every shape is pai
 pycocotools rasterises from its polygon, so image, mask, box and area agree exactly.  Category ids are
 1, 3, 7 (not contiguous) so the label mapping is exercised.
 
-Written once, atomically (temporary sibling directory + rename, marker written last), like digits.py.
+Written once, atomically (temporary sibling directory + rename, marker written last), like digits.py, and never
+into a folder that holds something else (a user's own COCO copy given without ``data=coco`` is refused before
+anything is written, naming the ``data=`` that reads it).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from dynconv.data.write_once import MARKER, read_marker, write_tree_once
+from dynconv.data.errors import DataError
+from dynconv.data.write_once import MARKER, read_marker, root_holds_tree, write_tree_once
 
-__all__ = ["ensure_toy_coco", "toy_coco_counts", "TOY_CATEGORIES", "TOY_TRAIN_IMAGES", "TOY_VAL_IMAGES"]
+__all__ = ["check_toy_coco_root", "ensure_toy_coco", "toy_coco_counts", "TOY_CATEGORIES", "TOY_TRAIN_IMAGES",
+           "TOY_VAL_IMAGES"]
 
 TOY_CATEGORIES = ((1, "circle"), (3, "square"), (7, "triangle"))
 TOY_TRAIN_IMAGES = 320
@@ -157,11 +161,17 @@ def _check_existing(root: Path) -> bool:
         return False
     expected = _expected_marker()
     if {key: marker.get(key) for key in expected} != expected:
-        raise ValueError(
-            f"{root} already holds a toy_coco dataset of another format ({marker}); expected {expected}. "
-            "Delete it or choose another root."
+        raise DataError(
+            f"{root} already holds a dataset tree written with other settings ({marker}; data=toy_coco needs "
+            f"{expected}); nothing was changed there. Pass data.root=NEW_DIR, a new or empty folder (e.g. "
+            f"{root}-v{_FORMAT_VERSION}), to write the current toy_coco."
         )
     return True
+
+
+def check_toy_coco_root(root: str | os.PathLike) -> None:
+    """Refuse, without writing anything, a ``root`` that holds something other than the toy tree."""
+    root_holds_tree(Path(root).expanduser().absolute(), "toy_coco", _check_existing)
 
 
 def toy_coco_counts(root: str | os.PathLike) -> dict:

@@ -1,0 +1,81 @@
+"""The run folder: the same command finds the same folder again, so rerunning it resumes (FAIR-style auto-resume).
+
+`outputs/<backbone>-<op>-<data>[-<task>]/<hash>`, where the hash is of the resolved config except the keys that
+do not change what is trained (`resume`, `log.*`; Hydra's own settings are not part of it either). Every rank
+of a torchrun or SLURM launch resolves the same config, so all ranks agree on the folder without talking to
+each other, and a torchrun restart (`--max-restarts`) or a requeued SLURM job lands in it again.
+
+- `resume=never` asks for a fresh run: the folder gets a suffix that is unique per launch but shared by its
+  ranks (the torchrun run id, the SLURM job id, else the time), and never collides with the resumable one.
+- `DYNCONV_RUN_NAME=<name>` names the folder outright; `hydra.run.dir=<dir>` still chooses any folder.
+- Sweeps (`-m`) keep Hydra's per-job folders under `multirun/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Top-level keys that do not change the trained model or its numbers: the same run whatever their value.
+IGNORED_KEYS = ("hydra", "resume", "log")
+HASH_LENGTH = 10
+
+
+def config_fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
+    """A short hash of the resolved config without IGNORED_KEYS (stable across processes and machines)."""
+    if isinstance(cfg, DictConfig):
+        plain = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+                 for key in cfg if key not in IGNORED_KEYS}
+    else:
+        plain = {key: value for key, value in cfg.items() if key not in IGNORED_KEYS}
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def run_label(cfg: DictConfig) -> str:
+    """A readable first level: what is trained on what."""
+    parts = [OmegaConf.select(cfg, key) for key in ("backbone.name", "op.name", "data.name")]
+    task = OmegaConf.select(cfg, "task.name")
+    if task and task != "classification":
+        parts.append(task)
+    return "-".join(str(part) for part in parts if part) or "run"
+
+
+_LAUNCH_TIME = datetime.now().strftime("%Y%m%d-%H%M%S")  # once per process: every resolution agrees
+
+
+def launch_id() -> str:
+    """Unique per launch, identical on every rank of it (torchrun's run id, the SLURM job), else the start time."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return run_id
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm{os.environ['SLURM_JOB_ID']}"
+    return _LAUNCH_TIME
+
+
+def run_folder(*, _root_: DictConfig) -> str:
+    """The `${dynconv_run_dir:}` resolver of configs/train.yaml's hydra.run.dir."""
+    if os.environ.get("DYNCONV_RUN_NAME"):
+        return os.environ["DYNCONV_RUN_NAME"]
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        name = f"{run_label(_root_)}/{config_fingerprint(_root_)}"
+    except OmegaConfBaseException:
+        # A value that does not resolve (`recipe.lr=${oops}`): validation names its key before anything is written
+        # into this placeholder folder (a rejected run removes it).
+        return "unresolved-config"
+    if OmegaConf.select(_root_, "resume") == "never":
+        name += f"-{launch_id()}"
+    return name
+
+
+def register_run_folder_resolver() -> None:
+    if not OmegaConf.has_resolver("dynconv_run_dir"):
+        OmegaConf.register_new_resolver("dynconv_run_dir", run_folder)  # (a resolver given _root_ cannot be cached)
