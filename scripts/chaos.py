@@ -5,8 +5,10 @@
 
 1. A reference run of the training (configs/chaos.yaml `train`: digits, `deterministic=true`) runs uninterrupted.
 2. The same command is started again in another output root and killed with SIGKILL `kills` times: the first kill
-   half-way through a checkpoint write, the second during evaluation (both by DYNCONV_FAULTS, a self-SIGKILL at
-   that moment, see dynconv/engine/faults.py), the others at a random moment of the attempt (drawn with `seed`).
+   half-way through a checkpoint write, the second during evaluation, the others at a random training step among
+   those the run has left (drawn with `seed`; a wall-clock moment would miss the run on a machine whose load
+   changes, and a finished run cannot be killed). Each is a self-SIGKILL by DYNCONV_FAULTS at that moment
+   (dynconv/engine/faults.py): no handler, no flush, indistinguishable from `kill -9` by anyone else.
    Only the main process is killed, as the OOM killer or `kill -9 <pid>` would; its DataLoader workers must exit
    by themselves (they watch their parent). After each kill, the run folder must hold a loadable checkpoint once
    one epoch has finished, and at most one epoch of work may be redone.
@@ -113,6 +115,13 @@ def checkpoint_state(run_dir: Path) -> tuple[int | None, bool]:
     return (int(payload["epoch"]) if payload is not None else None), exists
 
 
+def _checkpoint_steps(run_dir: Path) -> int:
+    from dynconv.engine.checkpoint import find_resumable
+
+    _, payload, _ = find_resumable(run_dir / "checkpoints")
+    return int(payload["global_step"]) if payload is not None else 0
+
+
 def epochs_logged(log_text: str) -> int:
     """The highest epoch whose evaluation this attempt logged (0 if none)."""
     return max((int(m.group(1)) for m in EPOCH_LINE.finditer(log_text)), default=0)
@@ -136,26 +145,23 @@ def run(cfg) -> dict:
     reference = campaign.finish(campaign.start(work / "reference", "reference"), "reference")
     reference_s = time.perf_counter() - reference_start
     reference_dir = Path(reference["run_dir"])
-    train_s = float(reference["train_time_s"])
-    startup_s = max(reference_s - train_s, 0.0)
-    epochs = int(reference["epochs"])
+    total_steps = int(torch.load(reference_dir / "checkpoints" / "last.pt", weights_only=True)["global_step"])
 
     kills = []
     orphans = 0
     chaos_root = work / "chaos"
     run_dir = None
-    done = 0  # epochs in the newest loadable checkpoint
+    done_steps = 0  # global steps in the newest loadable checkpoint
     for index in range(int(cfg.kills)):
         moment = TARGETED[index] if index < len(TARGETED) else "random"
         name = f"attempt{index + 1}"
-        process = campaign.start(chaos_root, name, FAULTS.get(moment))
-        # A random moment of what this attempt has left to do: start-up, then the remaining epochs.
-        expected_s = startup_s + train_s * (epochs - done) / epochs
-        delay = campaign.rng.uniform(0.1, 0.95) * expected_s if moment == "random" else None
+        step = campaign.rng.randint(done_steps + 1, total_steps) if moment == "random" else None
+        faults = FAULTS.get(moment) or f"kill@step={step}"
+        process = campaign.start(chaos_root, name, faults)
         try:
-            process.wait(timeout=delay if delay is not None else float(cfg.attempt_timeout_s))
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)  # the main process only, as kill -9 <pid>
+            process.wait(timeout=float(cfg.attempt_timeout_s))
+        except subprocess.TimeoutExpired:  # a hang: kill it, and the campaign fails below
+            process.send_signal(signal.SIGKILL)
             process.wait()
         orphans += reap_group(process.pid)
         text = (work / f"{name}.log").read_text()
@@ -163,8 +169,8 @@ def run(cfg) -> dict:
         run_dir = run_dir or next(iter(chaos_root.glob("*/*/config.yaml")), Path()).parent
         epoch, exists = checkpoint_state(run_dir) if run_dir != Path() else (None, False)
         logged = epochs_logged(text)
-        done = epoch or 0
-        record = {"moment": moment, "killed_after_s": round(delay, 2) if delay else None,
+        done_steps = _checkpoint_steps(run_dir) if run_dir != Path() else 0
+        record = {"moment": moment, "step": step,
                   "killed": process.returncode == -signal.SIGKILL, "completed_instead": completed,
                   "epochs_logged": logged, "checkpoint_epoch": epoch,
                   "loadable": epoch is not None or not exists,

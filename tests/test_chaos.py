@@ -12,8 +12,11 @@ import pytest
 
 from conftest import REPO, describe
 
-SMALL = ("train=[backbone=resnet18,op=condconv,op.experts=2,data.max_train_samples=128,data.max_val_samples=64,"
-         "data.num_workers=2,recipe.batch_size=32,recipe.epochs=3,deterministic=true,log.progress_bar=false]")
+# Hydra's list override: each item quoted, since the items hold '='.
+SMALL = "train=[" + ",".join(f"'{item}'" for item in (
+    "backbone=resnet18", "op=condconv", "op.experts=2", "data.max_train_samples=128", "data.max_val_samples=64",
+    "data.num_workers=2", "recipe.batch_size=32", "recipe.epochs=3", "deterministic=true",
+    "log.progress_bar=false")) + "]"
 
 
 @pytest.mark.slow
