@@ -20,6 +20,7 @@ SMALL = "train=[" + ",".join(f"'{item}'" for item in (
 
 
 @pytest.mark.slow
+@pytest.mark.campaign
 def test_three_kills_survived_with_a_bitwise_equal_end(train_env, tmp_path):
     completed = subprocess.run([sys.executable, "scripts/chaos.py", "kills=3", "seed=0", f"out={tmp_path}", SMALL],
                                cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=1200)

@@ -27,6 +27,7 @@ def _torchrun(train_env, outputs: Path, faults: str = ""):
 
 
 @pytest.mark.slow
+@pytest.mark.campaign
 def test_a_lost_rank_restarts_from_the_last_checkpoint_and_ends_as_an_uninterrupted_run(train_env, tmp_path):
     reference, expected = _torchrun(train_env, tmp_path / "reference")
     assert reference.returncode == 0, describe(reference)
