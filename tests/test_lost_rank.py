@@ -15,7 +15,7 @@ from conftest import REPO, describe, last_json_line, train_command
 
 ARGS = ["op=condconv", "op.experts=2", "data.max_train_samples=256", "data.max_val_samples=64", "data.num_workers=0",
         "recipe.batch_size=32", "recipe.epochs=3", "log.progress_bar=false", "device=cpu", "deterministic=true",
-        "dist.timeout_s=60"]
+        "dist.timeout_s=300"]  # also bounds the restart's gloo connect: a loaded machine starts ranks slowly
 LAUNCHER = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
 
 
