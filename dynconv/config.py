@@ -9,7 +9,6 @@ that nothing reads are refused by dynconv/overrides.py.
 from __future__ import annotations
 
 import os
-from datetime import datetime
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,28 +39,9 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the allowed values."""
 
 
-def run_name() -> str:
-    """The run folder name, identical on every rank of one launch.
-
-    Hydra resolves `${now:}` separately in every process, so torchrun ranks would get different folders.
-    torchrun shares TORCHELASTIC_RUN_ID (a fresh id with --standalone, --rdzv-id otherwise) and a SLURM
-    step shares SLURM_JOB_ID; DYNCONV_RUN_NAME overrides both.
-    """
-    if os.environ.get("DYNCONV_RUN_NAME"):
-        return os.environ["DYNCONV_RUN_NAME"]
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id and run_id != "none":
-        return f"torchrun/{run_id}"
-    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return f"slurm/{os.environ['SLURM_JOB_ID']}"
-    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
-
-
 def register_resolvers() -> None:
     from dynconv.engine.run_naming import register_run_folder_resolver
 
-    if not OmegaConf.has_resolver("dynconv_run_name"):
-        OmegaConf.register_new_resolver("dynconv_run_name", run_name, use_cache=True)
     register_run_folder_resolver()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynconv.engine.checkpoint import atomic_save, evaluation_payload
+from dynconv.engine.checkpoint import atomic_save, ema_weights, evaluation_payload
 from dynconv.engine.failures import CheckpointWriteError
 from dynconv.engine.hooks.base import Hook
 from dynconv.engine.nonfinite import check_state_finite
@@ -53,7 +53,7 @@ class CheckpointHook(Hook):
 
     def _save(self, trainer, payload, path: Path, previous: Path | None = None) -> bool:
         check_state_finite(payload["model"], "the model", str(path))
-        ema = payload.get("ema") if "ema" in payload else payload.get("hooks", {}).get("EMAHook", {}).get("ema")
+        ema = ema_weights(payload)
         if ema is not None:
             check_state_finite(ema, "the EMA model", str(path))
         try:
