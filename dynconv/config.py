@@ -107,8 +107,9 @@ def _meta_build(cfg: DictConfig):
     _check_name(cfg, "attn.name", ATTENTIONS)
     _check_name(cfg, "task.name", TASKS)
     _check_sections(cfg, BACKBONE_SECTION, OP_SECTION)
-    if OmegaConf.select(cfg, "data.image_size", throw_on_missing=False) is not None:
-        # The model is built at this size (a positional embedding's length), so it is checked first.
+    data = OmegaConf.select(cfg, "data", throw_on_missing=False)
+    if data is not None and "image_size" in data:
+        # The model is built at this size (a positional embedding's length), so it is checked first (null too).
         _check_sections(cfg, Section(DATA_SECTION.path, {"image_size": DATA["image_size"]}, required=()))
     op_cfg = _plain(cfg, "op")["op"]
     try:
@@ -192,7 +193,7 @@ def validate_data_config(cfg: DictConfig) -> None:
 
 def validate_recipe_config(cfg: DictConfig) -> None:
     """The run settings (seed, device, resume, dist, log, checkpoint, ...) and the recipe, key by key, then the
-    settings that depend on the machine (CUDA)."""
+    settings that depend on the machine (CUDA) and the warm restarts, which depend on the schedule."""
     import torch
 
     _check_sections(cfg, *RUN_SECTIONS)
@@ -208,6 +209,27 @@ def validate_recipe_config(cfg: DictConfig) -> None:
                           "allowed on CPU: false")
     if cfg.dist.backend == "nccl" and not on_cuda and distributed:
         raise ConfigError("dist.backend=nccl needs CUDA devices; allowed on CPU: auto, gloo")
+    _check_cycles(cfg.recipe)
+
+
+# The values of the warm-restart keys that mean "one cosine over all epochs" (what every recipe but SGDR's has).
+NO_CYCLES = {"cycle_epochs": None, "cycle_mul": 1.0, "cycle_limit": 1}
+
+
+def _check_cycles(recipe: DictConfig) -> None:
+    """Warm restarts (recipe.cycle_*) are the cosine schedule's (timm's cycles): refused with another schedule,
+    which would ignore them silently. Several cycles need the first one's length, else the first cycle spans
+    every epoch and no restart ever comes."""
+    set_keys = [f"recipe.{key}={recipe.get(key)!r}" for key, default in NO_CYCLES.items()
+                if key in recipe and recipe.get(key) != default]
+    if set_keys and recipe.sched != "cosine":
+        raise ConfigError(f"{', '.join(set_keys)}: warm restarts need recipe.sched=cosine, not "
+                          f"recipe.sched={recipe.sched}; allowed values with sched={recipe.sched}: "
+                          "recipe.cycle_epochs=null, recipe.cycle_mul=1.0, recipe.cycle_limit=1")
+    if recipe.get("cycle_limit", 1) > 1 and recipe.get("cycle_epochs") is None:
+        raise ConfigError(f"recipe.cycle_limit={recipe.cycle_limit} needs recipe.cycle_epochs (the first cycle's "
+                          "length): with recipe.cycle_epochs=null the first cycle spans every epoch and no restart "
+                          "comes; allowed values: recipe.cycle_epochs=<epochs> (e.g. 5), or recipe.cycle_limit=1")
 
 
 def _check_training_transforms(cfg: DictConfig) -> None:

@@ -55,7 +55,10 @@ PROBABILITY = rule("number_in", 0.0, 1.0)
 NON_NEGATIVE = rule("number", 0.0, inclusive=True)
 POSITIVE_INT = rule("integer", 1)
 SUBSET_SIZE = rule("integer", 1, nullable=True)
-CHECKED_ELSEWHERE: Rule = lambda knobs, key: None  # a registry or a dataset layout check has it
+
+
+def CHECKED_ELSEWHERE(knobs: Knobs, key: str) -> None:  # noqa: N802 - used like the constant rules above
+    """No rule here: a registry or a dataset layout check has it."""
 
 
 # ------------------------------------------------------------------------------------------- custom rules
@@ -126,6 +129,12 @@ def auto_augment(knobs: Knobs, key: str) -> None:
                           f"{allowed}") from None
 
 
+def optional_text(knobs: Knobs, key: str) -> None:
+    """null or a non-empty string (a table or row id)."""
+    if knobs.get(key) is not None:
+        knobs.text(key)
+
+
 def data_root(knobs: Knobs, key: str) -> None:
     """A folder name; whether it holds the dataset is the dataset's own check (null: it says how to set it)."""
     value = knobs.get(key)
@@ -191,7 +200,17 @@ RECIPE: dict[str, Rule] = {
     "compile": FLAG,
     "sync_bn": FLAG,
     "eval_every": POSITIVE_INT,
+    "accum_steps": POSITIVE_INT,  # micro-batches per optimizer step (gradient accumulation)
+    "cycle_epochs": rule("number", 0.0, nullable=True),  # SGDR's first cycle; only with sched=cosine (config.py)
+    "cycle_mul": rule("number", 0.0),
+    "cycle_limit": POSITIVE_INT,
+    "kw_tau_epochs": NON_NEGATIVE,  # KernelWarehouse's tau schedule length (op.tau_epochs interpolates it)
+    "zero_init_last": FLAG,  # ResNets' last BN scale at 0 (timm) or 1 (the releases); backbone.zero_init_last interpolates it
 }
+# Recipe keys that a recipe written before them (a user's own, not built on digits.yaml) may lack: a missing one
+# means its default (accum_steps 1, one cosine cycle; op=kw's tau_epochs falls back to 10, backbone.zero_init_last to
+# timm's true), read with `recipe.get`.
+OPTIONAL_RECIPE_KEYS = ("accum_steps", "cycle_epochs", "cycle_mul", "cycle_limit", "kw_tau_epochs", "zero_init_last")
 EMA = {"enabled": FLAG, "decay": rule("number_in", 0.0, 1.0, high_open=True), "warmup": FLAG}
 AUG: dict[str, Rule] = {
     "scale": rule("pair", 0.0, 1.0),
@@ -231,11 +250,23 @@ DATA: dict[str, Rule] = {
     "max_size": max_size,  # after test_size and train_sizes, which it is compared with
     "hflip": PROBABILITY,
 }
-OP = {"keep_static": rule("strings", example="[layer1.*, fc]", nullable=True)}  # every operator's; the others are its own
+# op.keep_static is every operator's; the other op keys are the operator's own.
+OP = {"keep_static": rule("strings", example="[layer1.*, fc]", nullable=True)}
+REPRODUCE = {  # set by scripts/reproduce.py launch (docs/reproduction.md)
+    "table": optional_text,
+    "row": optional_text,
+    "smoke": FLAG,
+}
 BACKBONE = {
     "name": CHECKED_ELSEWHERE,  # the BACKBONES registry
     "drop_rate": rule("number_in", 0.0, 1.0, high_open=True, nullable=True),
     "drop_path_rate": rule("number_in", 0.0, 1.0, high_open=True, nullable=True),
+    # Initialisation and regularisation choices of the papers' releases (docs/initialisation.md): each block's last
+    # BatchNorm scale at 0 (timm) or 1; timm's linear drop-path ramp or one rate everywhere; the library's classifier
+    # init or N(0, 0.01) with a zero bias.
+    "zero_init_last": FLAG,
+    "drop_path_schedule": rule("choice", ("linear", "constant")),
+    "classifier_init": rule("choice", ("library", "normal")),
     "default_resolution": rule("integer", 1, high=MAX_SIDE),
 }
 
@@ -257,9 +288,10 @@ RUN_SECTIONS = (
     Section("nonfinite", NONFINITE),
     Section("log", LOG),
     Section("checkpoint", CHECKPOINT),
-    Section("recipe", RECIPE),
+    Section("recipe", RECIPE, required=tuple(key for key in RECIPE if key not in OPTIONAL_RECIPE_KEYS)),
     Section("recipe.ema", EMA),
     Section("recipe.aug", AUG, required=()),
+    Section("reproduce", REPRODUCE, required=()),
 )
 DATA_SECTION = Section("data", DATA, required=("name", "image_size"))
 BACKBONE_SECTION = Section("backbone", BACKBONE, required=("name",))

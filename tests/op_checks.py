@@ -14,8 +14,11 @@ OP_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "op"
 
 
 def load_op_config(name: str) -> dict:
-    """configs/op/<name>.yaml as a plain dict (what build_backbone receives as `op`)."""
-    return OmegaConf.to_container(OmegaConf.load(OP_CONFIG_DIR / f"{name}.yaml"))
+    """configs/op/<name>.yaml as a plain dict (what build_backbone receives as `op`), its interpolations resolved
+    as in a composed config with the default recipe (kw.yaml's tau_epochs follows recipe.kw_tau_epochs)."""
+    root = OmegaConf.create({"recipe": OmegaConf.load(OP_CONFIG_DIR.parent / "recipe" / "digits.yaml"),
+                             "op": OmegaConf.load(OP_CONFIG_DIR / f"{name}.yaml")})
+    return OmegaConf.to_container(root, resolve=True)["op"]
 
 
 def assert_knob_rejected(op_cfg: dict, key: str, value, allowed: str) -> None:

@@ -2,6 +2,20 @@
 
 Nothing is retyped: each entry is `timm.create_model(...)` plus the placement rules of its layers and the
 indices of its multi-scale features (timm's `forward_intermediates`).
+
+Initialisation knobs (docs/initialisation.md), each in the configs of the backbones that take it:
+
+- `zero_init_last` (ResNet family): timm's ResNet argument; None keeps timm's default, true (each residual block's
+  last BN scale starts at 0). Every release dynconv reproduces (ODConv, KernelWarehouse, DY-Conv's
+  torchvision-style ResNets, WE) starts it at 1: the backbone configs take the recipe's `zero_init_last`, false in
+  the papers' recipes, true in the quickstart's.
+- `drop_path_schedule` (ResNet family): `linear`, timm's stochastic-depth rule (block i of N drops with
+  drop_path_rate * i / (N - 1)), or `constant`, every block drop_path_rate, as KernelWarehouse's `kw_resnet.py`
+  and `resnet.py` build it (`DropPath(drop_path)` in every block).
+- `classifier_init` (ResNet family, MobileNetV2): `library` keeps timm's (ResNet: nn.Linear's default;
+  MobileNetV2: U(+-1/sqrt(classes)), zero bias), `normal` draws N(0, 0.01) with a zero bias, as the torchvision-style
+  networks of the ODConv and KernelWarehouse releases do (except KernelWarehouse's `kw_resnet.py`, which keeps
+  nn.Linear's default).
 """
 
 from __future__ import annotations
@@ -9,8 +23,13 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import DropPath
 
 from dynconv.backbones.backbone import BACKBONES, FAMILY_RULES, Backbone, PlaceRule
+from dynconv.knobs import Knobs
+
+DROP_PATH_SCHEDULES = ("linear", "constant")
+CLASSIFIER_INITS = ("library", "normal")
 
 # torchvision's ResNet naming, which timm keeps: conv1 / layerS.B.convK / layerS.B.downsample.0 / fc.
 RESNET_RULES = [
@@ -62,13 +81,25 @@ def _feature_indices(net: nn.Module) -> list[int]:
 
 
 def timm_backbone(name: str, timm_name: str, family: str, *, num_classes: int, image_size: int, vit: bool = False,
-                   dynet_reduction: float | None = None, **kw):
+                   dynet_reduction: float | None = None, drop_path_schedule: str = "linear",
+                   classifier_init: str = "library", **kw):
+    """`kw` goes to `timm.create_model` (None values left out: timm's defaults), `zero_init_last` included."""
+    knobs = Knobs({"drop_path_schedule": drop_path_schedule, "classifier_init": classifier_init, **kw}, "backbone")
+    knobs.choice("drop_path_schedule", DROP_PATH_SCHEDULES)
+    knobs.choice("classifier_init", CLASSIFIER_INITS)
+    if kw.get("zero_init_last") is not None:
+        knobs.flag("zero_init_last")
     kwargs = {k: v for k, v in kw.items() if v is not None}
+    constant_drop_path = kwargs.pop("drop_path_rate", 0.0) if drop_path_schedule == "constant" else 0.0
     if vit:
         # The position embedding is sized for the training resolution; timm interpolates it when
         # the input size changes (dynamic_img_size) so the same model profiles at 224.
         kwargs.update(img_size=image_size, dynamic_img_size=True)
     net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    if constant_drop_path:
+        set_constant_drop_path(net, constant_drop_path)
+    if classifier_init == "normal":
+        normal_classifier_(net)
     indices = _feature_indices(net)
     info = net.feature_info
 
@@ -86,8 +117,45 @@ def timm_backbone(name: str, timm_name: str, family: str, *, num_classes: int, i
     )
 
 
+def set_constant_drop_path(net: nn.Module, rate: float) -> None:
+    """Every residual block of a timm ResNet drops its branch with probability `rate` (KernelWarehouse's
+    `DropPath(drop_path)` in each block), instead of timm's linear rule. Drop path holds no parameters."""
+    blocks = [block for name, block in net.named_modules() if name.count(".") == 1 and name.startswith("layer")]
+    if not blocks or not all(hasattr(block, "drop_path") for block in blocks):
+        raise ValueError(f"backbone.drop_path_schedule=constant needs a timm ResNet ({type(net).__name__} has no "
+                         "residual blocks layer<S>.<B> with drop_path)")
+    for block in blocks:
+        block.drop_path = DropPath(rate)
+
+
+@torch.no_grad()
+def normal_classifier_(net: nn.Module) -> None:
+    """The classifier's weight N(0, 0.01), its bias 0 (torchvision-style ResNet / MobileNetV2 releases)."""
+    head = net.get_classifier()
+    for layer in head.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, 0.01)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+# The initialisation knobs each family's builders take (and their defaults); build.py passes the ones the
+# backbone's config sets.
+INIT_KNOBS = {
+    "resnet": {"zero_init_last": None, "drop_path_schedule": "linear", "classifier_init": "library"},
+    "mobilenetv2": {"classifier_init": "library"},
+}
+
+
 def _register(name: str, timm_name: str, family: str, vit: bool = False) -> None:
-    def build(num_classes: int = 1000, image_size: int = 224, drop_rate=None, drop_path_rate=None) -> Backbone:
+    defaults = INIT_KNOBS.get(family, {})
+
+    def build(num_classes: int = 1000, image_size: int = 224, drop_rate=None, drop_path_rate=None,
+              **init) -> Backbone:
+        unknown = sorted(set(init) - set(defaults))
+        if unknown:
+            raise TypeError(f"backbone {name} has no knob backbone.{unknown[0]} (its initialisation knobs: "
+                            f"{', '.join(defaults) or 'none'})")
         return timm_backbone(
             name,
             timm_name,
@@ -97,6 +165,7 @@ def _register(name: str, timm_name: str, family: str, vit: bool = False) -> None
             vit=vit,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
+            **{**defaults, **init},
         )
 
     BACKBONES.register(name)(build)

@@ -8,7 +8,9 @@ each other, and a torchrun restart (`--max-restarts`) or a requeued SLURM job la
 - `resume=never` asks for a fresh run: the folder gets a suffix that is unique per launch but shared by its
   ranks (the torchrun run id, the SLURM job id, else the time), and never collides with the resumable one.
 - `DYNCONV_RUN_NAME=<name>` names the folder outright; `hydra.run.dir=<dir>` still chooses any folder.
-- Sweeps (`-m`) keep Hydra's per-job folders under `multirun/`.
+- Sweeps (`-m`) keep Hydra's per-job folders under `multirun/<date>/<time>/`, named `<job number>_<overrides>`
+  made safe (`job_folder_name`): no `/` from a path value, at most 80 characters (longer names end in a hash
+  of the whole override string), so a 20-override sweep or `data.root=/some/path` never fails on the file name.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from datetime import datetime
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 # Top-level keys that do not change the trained model or its numbers: the same run whatever their value.
-IGNORED_KEYS = ("hydra", "resume", "log")
+IGNORED_KEYS = ("hydra", "resume", "log", "reproduce")
 HASH_LENGTH = 10
 
 
@@ -76,6 +79,23 @@ def run_folder(*, _root_: DictConfig) -> str:
     return name
 
 
+JOB_NAME_LIMIT = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
+
+
+def job_folder_name(override_dirname: str) -> str:
+    """A sweep job's folder name from Hydra's `override_dirname` ("data.root=/a/b,op.lam=4"): characters that are
+    unsafe in a file name (`/`, spaces, brackets, quotes) become `_`; a name longer than JOB_NAME_LIMIT is cut and
+    ends in a short hash of the whole string, so it stays unique. Empty (no overrides): "run"."""
+    safe = _UNSAFE.sub("_", override_dirname).strip("_.") or "run"
+    if len(safe) <= JOB_NAME_LIMIT:
+        return safe
+    digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:8]
+    return f"{safe[:JOB_NAME_LIMIT - 9]}-{digest}"
+
+
 def register_run_folder_resolver() -> None:
     if not OmegaConf.has_resolver("dynconv_run_dir"):
         OmegaConf.register_new_resolver("dynconv_run_dir", run_folder)  # (a resolver given _root_ cannot be cached)
+    if not OmegaConf.has_resolver("dynconv_job_dir"):
+        OmegaConf.register_new_resolver("dynconv_job_dir", job_folder_name)

@@ -1,9 +1,15 @@
 """The training loop: one epoch of forward/backward/step, everything else in hooks.
 
-Hot path per step: move the batch, forward under autocast, backward, optimizer step, hooks. One host
-synchronisation per step: the non-finite guard reads one flag (is the loss and the gradient norm finite, on every
-rank) to decide whether the optimizer may step (dynconv/engine/nonfinite.py); loss values stay on the device
-otherwise (hooks that print them do so every N steps).
+Hot path per optimizer step: fetch its `accum_steps` micro-batches (loader batches), then for each: move it,
+forward under autocast, backward of its loss weighted by its share of the step's images; then the optimizer step
+and the hooks. One host synchronisation per optimizer step: the non-finite guard reads one flag (is the loss and
+the gradient norm finite, on every rank) to decide whether the optimizer may step (dynconv/engine/nonfinite.py);
+loss values stay on the device otherwise (hooks that print them do so every N steps).
+
+Gradient accumulation (`recipe.accum_steps`) lets the papers' global batches (4096, 2048, 1024) run on fewer GPUs
+with the same effective batch and learning rate. Everything that counts steps counts *optimizer* steps
+(`global_step`, `updates_per_epoch`: the lr schedule, operator schedules, EMA, logging, checkpoints), while
+`batches_done` counts loader batches, which is what the sampler skips on a mid-epoch resume.
 
 However training ends (finished, stopped, raised), `close` runs: the hooks release what they hold (signal
 handlers, TensorBoard files) and the DataLoader workers are shut down, so that an exception never leaves the
@@ -13,6 +19,7 @@ process waiting on its workers (dynconv/engine/shutdown.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from typing import Any
 
@@ -25,6 +32,12 @@ from dynconv.engine.distributed import DistInfo, all_reduce_sum
 from dynconv.engine.hooks import Hook
 from dynconv.engine.nonfinite import NonFiniteGuard, all_ranks_finite, grad_norm
 from dynconv.engine.shutdown import shutdown_iterator, shutdown_loader
+
+
+def optimizer_steps_per_epoch(batches: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of `batches` loader batches: the last step takes what is left (fewer
+    micro-batches), so no batch is dropped and a schedule built with this count ends with the epoch."""
+    return -(-batches // max(int(accum_steps), 1))
 
 
 class Trainer:
@@ -46,6 +59,7 @@ class Trainer:
         channels_last: bool = False,
         compile_model: bool = False,
         max_nonfinite: int = 10,
+        accum_steps: int = 1,
         log: logging.Logger | None = None,
     ):
         self.model = model
@@ -61,29 +75,33 @@ class Trainer:
         self.amp_dtype = amp_dtype
         self.clip_grad = clip_grad
         self.channels_last = channels_last
+        self.accum_steps = max(int(accum_steps), 1)  # micro-batches (loader batches) per optimizer step
         self.log = log or logging.getLogger("dynconv")
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(dist.device.type) if amp_dtype == torch.float16 else None
 
         self.train_model: nn.Module = model
+        self.ddp_model: DistributedDataParallel | None = None  # kept apart: torch.compile wraps it
         if dist.distributed:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(
+            self.train_model = self.ddp_model = DistributedDataParallel(
                 model, device_ids=device_ids,
                 find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
         if compile_model:
             self.train_model = torch.compile(self.train_model)
 
         self.hooks: list[Hook] = []
-        self.updates_per_epoch = len(train_loader)
+        self.updates_per_epoch = optimizer_steps_per_epoch(len(train_loader), self.accum_steps)
         self.epoch = 0
         self.start_epoch = 0
         self.epochs_done = 0
         self.global_step = 0
-        self.batches_done = 0  # batches finished in the current epoch (non-zero only after a mid-epoch resume)
+        # Loader batches finished in the current epoch (non-zero only after a mid-epoch resume); always a whole
+        # number of optimizer steps, since a stop is honoured only between steps.
+        self.batches_done = 0
         self.resumed_from: int | None = None
-        self.last_loss = torch.zeros(())
-        self.last_batch_size = 0
+        self.last_loss = torch.zeros(())  # the last optimizer step's mean loss over its images
+        self.last_batch_size = 0  # images in the last optimizer step on this rank (all its micro-batches)
         self.epoch_loss = float("nan")
         self.metrics: dict[str, float] = {}
         self.best_metrics: dict[str, float] = {}
@@ -130,6 +148,11 @@ class Trainer:
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def steps_done_in_epoch(self) -> int:
+        """Optimizer steps already made in the current epoch (non-zero only after a mid-epoch resume)."""
+        return optimizer_steps_per_epoch(self.batches_done, self.accum_steps)
 
     def request_stop(self, reason: str, exit_code: int = 0) -> None:
         self.stop_reason, self.exit_code = reason, exit_code
@@ -182,7 +205,43 @@ class Trainer:
                              len(newly_skipped), self.dist.rank, shown)
 
     def _run_steps(self, iterator, device, loss_sum: torch.Tensor, seen: torch.Tensor) -> None:
-        for batch in iterator:
+        while True:
+            batches, fetched = self._fetch_step(iterator)
+            if not fetched:
+                return  # the epoch is over
+            if not batches:  # every batch of the step was undecodable images (one process only)
+                self.batches_done += fetched
+                continue
+            self._call("before_step")
+            finite, loss, images, loss_terms = self._accumulate_and_step(batches, device)
+
+            self.global_step += 1
+            self.batches_done += fetched
+            self.step_skipped = not finite
+            if not finite and self.dist.is_main:
+                self.log.warning("step %d (epoch %d): non-finite loss or gradients, step skipped (%d in a row, %d in "
+                                 "total)", self.global_step, self.epoch + 1, self.nonfinite.consecutive + 1,
+                                 self.nonfinite.total + 1)
+            self.nonfinite.record(finite, self.global_step, self.epoch, self.last_good_checkpoint)
+            self.last_loss = loss
+            self.last_batch_size = images
+            # Loss components stay on the device; the loggers read them every `log.every` steps.
+            self.loss_terms = {f"train/{key}": value for key, value in loss_terms.items()}
+            if finite:  # a skipped step's loss is not part of the epoch's mean
+                loss_sum += self.last_loss.double() * self.last_batch_size
+                seen += self.last_batch_size
+            self._call("after_step")
+            if self.stop_reason:  # only here, between optimizer steps: no half-accumulated gradient is lost
+                return
+
+    def _fetch_step(self, iterator) -> tuple[list, int]:
+        """The next optimizer step's micro-batches: up to `accum_steps` loader batches (fewer at the end of the
+        epoch), and how many loader batches were read (undecodable ones included: `batches_done` counts what the
+        sampler must skip on resume). Fetched before any forward, because each micro-batch's loss weight is
+        its share of the step's images."""
+        batches, fetched = [], 0
+        for batch in itertools.islice(iterator, self.accum_steps):
+            fetched += 1
             self.skipped_images.extend(batch[2])
             if batch[0] is None:  # the whole batch was undecodable images
                 if self.dist.distributed:
@@ -190,48 +249,63 @@ class Trainer:
                     raise RuntimeError(f"rank {self.dist.rank}: every image of a batch is undecodable "
                                        f"({', '.join(batch[2][:5])} ...); clean the dataset or use one process")
                 continue
-            self._call("before_step")
-            inputs, targets = self.task.prepare_batch(batch, device, training=True)
-            if self.channels_last and isinstance(inputs, torch.Tensor):
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                loss, batch_size, loss_terms = self.task.forward_loss(self.train_model, inputs, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            finite = self._backward_and_step(loss)
+            batches.append(batch)
+        return batches, fetched
 
-            self.global_step += 1
-            self.batches_done += 1
-            self.step_skipped = not finite
-            if not finite and self.dist.is_main:
-                self.log.warning("step %d (epoch %d): non-finite loss or gradients, step skipped (%d in a row, %d in "
-                                 "total)", self.global_step, self.epoch + 1, self.nonfinite.consecutive + 1,
-                                 self.nonfinite.total + 1)
-            self.nonfinite.record(finite, self.global_step, self.epoch, self.last_good_checkpoint)
-            self.last_loss = loss.detach()
-            self.last_batch_size = batch_size
-            # Loss components stay on the device; the loggers read them every `log.every` steps.
-            self.loss_terms = {f"train/{key}": value.detach() for key, value in loss_terms.items()}
-            if finite:  # a skipped step's loss is not part of the epoch's mean
-                loss_sum += self.last_loss.double() * self.last_batch_size
-                seen += self.last_batch_size
-            self._call("after_step")
-            if self.stop_reason:
-                return
+    def _prepare(self, batch, device):
+        inputs, targets = self.task.prepare_batch(batch, device, training=True)
+        if self.channels_last and isinstance(inputs, torch.Tensor):
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, targets
 
-    def _backward_and_step(self, loss: torch.Tensor) -> bool:
-        """Backward and, unless the loss or the gradients are non-finite on some rank, the optimizer step.
-        Returns whether the step counted as finite (a skipped step leaves the weights and optimizer untouched)."""
+    def _gradient_sync(self, last: bool):
+        """DDP all-reduces the gradients in every backward; when accumulating, only the step's last micro-batch
+        needs it (the earlier gradients add up locally first), so the others run under `no_sync`, which must
+        cover their forward too."""
+        if last or self.ddp_model is None:
+            return contextlib.nullcontext()
+        return self.ddp_model.no_sync()
+
+    def _accumulate_and_step(self, batches: list, device) -> tuple[bool, torch.Tensor, int, dict[str, torch.Tensor]]:
+        """Forward and backward every micro-batch of one optimizer step, then the step (unless non-finite).
+
+        Each micro-batch's mean loss is weighted by its share of the step's images, n_i / N, so the accumulated
+        gradient is exactly the gradient of the mean loss over all N images, even when the epoch's last
+        micro-batch is smaller. (BatchNorm still normalises each micro-batch by its own statistics.) Returns
+        (finite, the step's mean loss, N, the step's mean loss terms), all on the device."""
+        prepared = [self._prepare(batch, device) for batch in batches]
+        sizes = [len(inputs) for inputs, _ in prepared]  # a batch tensor's first dimension, or a detector's list
+        total = sum(sizes)
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss: torch.Tensor | None = None
+        step_terms: dict[str, torch.Tensor] = {}
+        for index, ((inputs, targets), size) in enumerate(zip(prepared, sizes)):
+            with self._gradient_sync(last=index == len(prepared) - 1):
+                with self.autocast():
+                    loss, _, loss_terms = self.task.forward_loss(self.train_model, inputs, targets)
+                share = size / total
+                weighted = loss if size == total else loss * share
+                (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+            step_loss = weighted.detach() if step_loss is None else step_loss + weighted.detach()
+            for key, value in loss_terms.items():
+                part = value.detach() if size == total else value.detach() * share
+                step_terms[key] = part if key not in step_terms else step_terms[key] + part
+        return self._step(step_loss), step_loss, total, step_terms
+
+    def _step(self, loss: torch.Tensor) -> bool:
+        """The optimizer step on the accumulated gradients, unless the loss or the gradients are non-finite on
+        some rank. Returns whether the step counted as finite (a skipped step leaves the weights and optimizer
+        untouched)."""
         if self.scaler is not None:
             # fp16: GradScaler skips overflowing steps itself and lowers its scale (kept as it is); a non-finite
-            # loss is only counted, so that a run that diverges for good still stops.
-            self.scaler.scale(loss).backward()
+            # loss is only counted, so that a run that diverges for good still stops. Its scale is constant over
+            # the micro-batches of a step (it only changes in `update`), so they add up correctly.
             if self.clip_grad:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             return all_ranks_finite(loss)
-        loss.backward()
         if self.clip_grad:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         else:

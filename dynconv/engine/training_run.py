@@ -1,8 +1,10 @@
 """One training run, from a validated config to the final metrics (what train.py calls).
 
 Order matters for "nothing is lost, nothing is half-written": validate everything (config, data layout,
-resume compatibility) before the first byte goes to the run directory; then build, train, and write
-metrics.json and conv_algorithms.json atomically at the end.
+resume compatibility) before the first byte goes to the run directory; then write config.yaml and run.json (the
+run record: overrides, config hash, git commit, effective batch, ...: a run still training or one that crashed can
+be collected with them), build, train, and write metrics.json (with the finished run record) and
+conv_algorithms.json atomically at the end.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,8 @@ from dynconv.config import ConfigError, checkpoint_mismatch, validate_train_conf
 from dynconv.engine import hooks as H
 from dynconv.engine.checkpoint import atomic_write, find_resumable, load_checkpoint, remove_stale_temporaries
 from dynconv.engine.distributed import DistInfo, init_distributed
-from dynconv.engine.trainer import Trainer
+from dynconv.engine.run_naming import config_fingerprint
+from dynconv.engine.trainer import Trainer, optimizer_steps_per_epoch
 from dynconv.functional import selector
 
 log = logging.getLogger("dynconv")
@@ -85,6 +90,8 @@ def class_names(data) -> list[str] | None:
 
 
 def build_optimizer_and_scheduler(model, recipe, updates_per_epoch: int):
+    """timm's optimizer and per-iteration lr schedule; `updates_per_epoch` counts optimizer steps (with gradient
+    accumulation, fewer than the loader's batches: `optimizer_steps_per_epoch`)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
@@ -98,7 +105,6 @@ def build_optimizer_and_scheduler(model, recipe, updates_per_epoch: int):
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=timm_sched,
-        num_epochs=recipe.epochs,
         decay_epochs=recipe.decay_epochs,
         decay_milestones=list(recipe.decay_milestones),
         decay_rate=decay_rate,
@@ -107,8 +113,24 @@ def build_optimizer_and_scheduler(model, recipe, updates_per_epoch: int):
         warmup_epochs=recipe.warmup_epochs,
         step_on_epochs=False,  # per-iteration updates: smooth warmup and decay at any batch size
         updates_per_epoch=updates_per_epoch,
+        **cosine_cycles(recipe),
     )
     return optimizer, scheduler
+
+
+def cosine_cycles(recipe) -> dict[str, Any]:
+    """The schedule's length and, for `sched=cosine`, its warm restarts (SGDR, Loshchilov & Hutter 2017; WE Fig.
+    5b): timm's `num_epochs` is the first cycle's length (its t_initial) when `recipe.cycle_epochs` is set, each
+    cycle `cycle_mul` times the one before, `cycle_limit` cycles, after which the lr stays at min_lr. Every restart
+    returns to the peak lr (`cycle_decay=1`; timm's default 0.1 would cut each restart's peak tenfold). The keys
+    are optional (recipes that predate them: one cycle over all epochs); config validation refuses them with
+    another schedule."""
+    if recipe.sched != "cosine":
+        return {"num_epochs": recipe.epochs}
+    cycle_epochs = recipe.get("cycle_epochs")
+    return {"num_epochs": cycle_epochs if cycle_epochs is not None else recipe.epochs,
+            "cycle_mul": float(recipe.get("cycle_mul", 1.0)), "cycle_limit": int(recipe.get("cycle_limit", 1)),
+            "cycle_decay": 1.0}
 
 
 def _silence_other_ranks(dist: DistInfo) -> None:
@@ -124,6 +146,82 @@ def _silence_other_ranks(dist: DistInfo) -> None:
 
 def _write_json_atomic(payload: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2) + "\n"), binary=False)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout dynconv runs from (an editable install)
+GIT_TIMEOUT_S = 10.0  # git on a slow network file system; the commit is then recorded as unknown
+
+
+def accum_steps(recipe) -> int:
+    """Micro-batches per optimizer step (`recipe.accum_steps`; recipes without the key: 1)."""
+    return int(recipe.get("accum_steps", 1))
+
+
+def task_overrides() -> list[str]:
+    """The Hydra task overrides as given on the command line (`op=kw op.b=1/2`), when called inside a Hydra job
+    (train.py); [] otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(item) for item in OmegaConf.select(HydraConfig.get(), "overrides.task", default=None) or []]
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str | None:
+    """`git rev-parse HEAD` of the checkout dynconv runs from, with "+dirty" when its work tree has changes
+    (untracked files count, .gitignore'd ones do not: a new config file changes what a command trains). None when
+    dynconv is not run from a git checkout (an installed package: the enclosing repository, if any, is someone
+    else's) or git is missing or slow. Never raises: the record must not stop a run."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                              timeout=GIT_TIMEOUT_S).stdout.strip()
+
+    try:
+        top, commit = git("rev-parse", "--show-toplevel", "HEAD").splitlines()
+        if Path(top).resolve() != repo.resolve():
+            return None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    try:
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return commit
+    return commit + ("+dirty" if dirty else "")
+
+
+def _package_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dynconv")
+    except PackageNotFoundError:
+        return None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_record(cfg: DictConfig, overrides: list[str], world_size: int) -> dict[str, Any]:
+    """What `scripts/reproduce.py collect` needs to place and trust a run: how it was launched (overrides, seed,
+    config hash = the run folder's name), from which code (git commit, versions), at which effective batch
+    (per-process batch x processes x accumulation steps: what the papers' lr is given for), and when."""
+    accum = accum_steps(cfg.recipe)
+    smoke = OmegaConf.select(cfg, "reproduce.smoke", default=None) or OmegaConf.select(cfg, "smoke", default=None)
+    return {
+        "overrides": list(overrides),
+        "config_hash": config_fingerprint(cfg),
+        "seed": cfg.seed,
+        "git_commit": git_commit(),
+        "world_size": world_size,
+        "accum_steps": accum,
+        "effective_batch": int(cfg.recipe.batch_size) * world_size * accum,
+        "started": utc_now(),
+        "finished": None,
+        "dynconv_version": _package_version(),
+        "torch_version": torch.__version__,
+        "smoke": bool(smoke),
+    }
 
 
 def conv_algorithm_policy(cfg: DictConfig) -> str:
@@ -158,8 +256,9 @@ def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Pa
     return [hook for hook in hooks if hook is not None]
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
-    """Train as configured; return (final metrics for the JSON line, process exit code)."""
+def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], int]:
+    """Train as configured; return (final metrics for the JSON line, process exit code). `overrides`: the
+    command line's overrides for the run record (default: Hydra's task overrides, inside a Hydra job)."""
     validate_train_config(cfg)
     policy = conv_algorithm_policy(cfg)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -174,11 +273,12 @@ def run_training(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], int]:
             )
 
     with selector.policy(policy):  # restored when the run ends, however it ends
-        return _train(cfg, config_dict, run_dir, payload, resume_path)
+        return _train(cfg, config_dict, run_dir, payload, resume_path,
+                      task_overrides() if overrides is None else overrides)
 
 
 def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload: dict[str, Any] | None,
-           resume_path: Path | None) -> tuple[dict[str, Any], int]:
+           resume_path: Path | None, overrides: list[str]) -> tuple[dict[str, Any], int]:
     dist = init_distributed(cfg.device, cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     _silence_other_ranks(dist)
     seed_everything(cfg.seed)
@@ -188,9 +288,14 @@ def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload:
     elif dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    record = run_record(cfg, overrides, dist.world_size)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+        # Now, not at the end: a run still training, or one that crashed, is collected with its overrides.
+        _write_json_atomic(record, run_dir / "run.json")
+        log.info("effective batch %d = %d per process x %d process(es) x %d micro-batch(es) per optimizer step",
+                 record["effective_batch"], cfg.recipe.batch_size, dist.world_size, record["accum_steps"])
 
     from dynconv.tasks import TASKS
 
@@ -215,13 +320,14 @@ def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload:
     if cfg.recipe.channels_last:
         to_channels_last(model)
 
-    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.recipe, len(data.train_loader))
+    steps_per_epoch = optimizer_steps_per_epoch(len(data.train_loader), record["accum_steps"])
+    optimizer, scheduler = build_optimizer_and_scheduler(model, cfg.recipe, steps_per_epoch)
     trainer = Trainer(
         model=model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=data.train_loader,
         train_sampler=data.train_sampler, val_loader=data.val_loader, dist=dist, epochs=cfg.recipe.epochs,
         config=config_dict, amp_dtype=_amp_dtype(cfg.recipe.amp), clip_grad=cfg.recipe.clip_grad,
         channels_last=cfg.recipe.channels_last, compile_model=cfg.recipe.compile,
-        max_nonfinite=cfg.nonfinite.max_consecutive, log=log,
+        max_nonfinite=cfg.nonfinite.max_consecutive, accum_steps=record["accum_steps"], log=log,
     )
     trainer.register_hooks(default_hooks(cfg, model, scheduler, dist, run_dir, class_names(data)))
     from dynconv.engine.faults import fault_hooks
@@ -258,7 +364,9 @@ def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload:
             result[f"ema_{key}"] = metrics[f"ema_{key}"]
     if trainer.stop_reason:
         result["stop_reason"] = trainer.stop_reason
+    result["run"] = {**record, "finished": utc_now()}
     if dist.is_main:
+        _write_json_atomic(result["run"], run_dir / "run.json")
         _write_json_atomic({**result, "history_last": metrics, "best": trainer.best_metrics}, run_dir / "metrics.json")
         # Which algorithm each dynamic layer shape ran (this rank's choices; ranks measure for themselves).
         _write_json_atomic({"policy": selector.get_policy(), "choices": selector.choices()},

@@ -21,6 +21,13 @@ MobileNetV2 1.0x / 0.5x 12.40M / 4.57M (Table 4): downsample shortcuts, depthwis
 MobileNetV2's last 1x1 (`conv_head`) are all dynamic. Measured: ResNet18 45,475,008; ResNet50 100,895,176;
 MobileNetV2 1.0x 12,416,576 and 0.5x 4,573,536. Keeping `conv_head` static would give 11.16M / 3.95M
 (10% / 14% below Table 4), so the MobileNetV2 numbers imply a dynamic `conv_head`.
+
+Initialisation (`op.weight_init`, docs/initialisation.md). The reference is the unofficial
+kaijieshi7/Dynamic-convolution-Pytorch (`dynamic_conv.py`, `dynamic_models/dy_resnet.py`), whose attention
+matches Sec. 3. `reference` (the default): each of the K kernels `kaiming_uniform_` with torch's defaults
+(a = 0, fan_in: U(+-sqrt(6 / (C/g k k)))), kernel biases zero, the attention's FC1 and FC2 kaiming-normal
+fan_out with a zero FC2 bias. `pytorch`: each kernel and bias like a fresh nn.Conv2d (kaiming-uniform,
+a = sqrt(5)), the attention nn.Linear's default (dynconv's behaviour before the knob).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch.nn as nn
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
 from dynconv.layers.kernel_bank import KernelBankConv2d, conv_geometry
 from dynconv.functional.mixture import mixture_conv2d
+from dynconv.layers.initialisation import kaiming_linears_, kernel_fans, read_weight_init, uniform_
 from dynconv.layers.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
 
 
@@ -55,10 +63,22 @@ class DyConv2d(KernelBankConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, kernels: int = 4, reduction: float = 0.25,
-                 schedule: LinearTemperature = LinearTemperature()):
+                 schedule: LinearTemperature = LinearTemperature(), weight_init: str = "pytorch"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          kernels=kernels, bias=bias)
         self.attention = KernelAttention(in_channels, kernels, reduction, schedule)
+        if weight_init == "reference":
+            self.reference_init()
+
+    @torch.no_grad()
+    def reference_init(self) -> None:
+        """kaijieshi7/Dynamic-convolution-Pytorch `dynamic_conv.py`: `kaiming_uniform_(weight[i])` for each kernel
+        (fan_in = C/g k k), `bias = zeros(K, O)`, and `attention2d._initialize_weights`: FC1 / FC2 kaiming-normal
+        fan_out, FC2's bias 0 (`dy_resnet.py` re-draws them from the same distribution)."""
+        uniform_(self.weight, kernel_fans(self.weight)[0])
+        if self.bias is not None:
+            self.bias.zero_()
+        kaiming_linears_(self.attention)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mixture_conv2d(x, self.weight, self.attention(x), self.bias, self.stride, self.padding,
@@ -74,7 +94,8 @@ class DyConvOperator(Operator):
         self.kernels = self.knobs.integer("kernels")
         self.reduction = self.knobs.number("reduction", 0)
         self.schedule = read_temperature_schedule(self.knobs)
+        self.weight_init = read_weight_init(self.knobs)
 
     def build(self, layer: LayerInfo) -> nn.Module:
         return DyConv2d(**conv_geometry(layer.module), bias=layer.module.bias is not None, kernels=self.kernels,
-                        reduction=self.reduction, schedule=self.schedule)
+                        reduction=self.reduction, schedule=self.schedule, weight_init=self.weight_init)

@@ -36,6 +36,13 @@ MobileNetV2 builds (its last layer is an ODConvBNReLU) and what the published co
 Table 4: 11.52M; REFERENCE_NOTES: 4.94M) and 0.5x (4x) 4,435,501 (Table 4: 4.44M); with it static, 10.24M /
 4.90M / 3.79M (the 4x counts 11% / 15% off). ResNet18 (1x) / (4x): 11,943,944 / 44,901,640 (11.94M / 44.90M, Table 1);
 ResNet50 (4x): 90,670,888 (90.67M, Table 2).
+
+Initialisation (`op.weight_init`, docs/initialisation.md). `reference` (the default), as OSVAI/ODConv's
+`modules/odconv.py`: each of the n kernels kaiming-normal, mode fan_out, ReLU gain (std sqrt(2 / (O k k)):
+0.059 for a 64-channel 3x3), and every attention layer (the FC and the four heads, 1x1 convolutions there)
+kaiming-normal fan_out with zero biases; the BN starts at scale 1, shift 0. `pytorch`: each kernel like a fresh
+nn.Conv2d (std 0.024 for the same layer) and the attention heads nn.Linear's default, non-zero biases
+(dynconv's behaviour before the knob).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import torch.nn.functional as F
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
 from dynconv.functional.mixture import mixture_conv2d
 from dynconv.layers.batch_safe_norm import BatchSafeBatchNorm1d
+from dynconv.layers.initialisation import kaiming_linears_, kernel_fans, normal_, read_weight_init
 from dynconv.layers.kernel_bank import KernelBankConv2d, conv_geometry
 from dynconv.layers.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
 
@@ -87,11 +95,21 @@ class ODConv2d(KernelBankConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, kernels: int = 1, reduction: float = 0.0625, min_hidden: int = 16,
-                 schedule: LinearTemperature = LinearTemperature()):
+                 schedule: LinearTemperature = LinearTemperature(), weight_init: str = "pytorch"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          kernels=kernels, bias=False)
         self.attention = OmniAttention(in_channels, out_channels, self.kernel_size, groups, kernels, reduction,
                                        min_hidden, schedule)
+        if weight_init == "reference":
+            self.reference_init()
+
+    def reference_init(self) -> None:
+        """OSVAI/ODConv `modules/odconv.py`: `kaiming_normal_(weight[i], mode="fan_out", nonlinearity="relu")`
+        for each kernel (fan_out = O k k, the groups not counted), the attention's FC and heads kaiming-normal
+        fan_out with zero biases (`Attention._initialize_weights`; `od_resnet.py` / `od_mobilenetv2.py`
+        re-draw those convolutions from the same distribution). The BN keeps scale 1, shift 0."""
+        normal_(self.weight, kernel_fans(self.weight)[1])
+        kaiming_linears_(self.attention)
 
     def sample_kernels(self, spatial: torch.Tensor | None, kernel: torch.Tensor | None, batch: int):
         """W_b = a_s(b) . sum_k a_w(b)_k W_k, (B, O, C/g, kh, kw), materialised; None when every sample shares
@@ -135,6 +153,7 @@ class ODConvOperator(Operator):
         self.reduction = self.knobs.number("reduction", 0)
         self.min_hidden = self.knobs.integer("min_hidden")
         self.schedule = read_temperature_schedule(self.knobs)
+        self.weight_init = read_weight_init(self.knobs)
 
     def refuse(self, layer: LayerInfo) -> str | None:
         reason = super().refuse(layer)
@@ -144,4 +163,4 @@ class ODConvOperator(Operator):
 
     def build(self, layer: LayerInfo) -> nn.Module:
         return ODConv2d(**conv_geometry(layer.module), kernels=self.kernels, reduction=self.reduction,
-                        min_hidden=self.min_hidden, schedule=self.schedule)
+                        min_hidden=self.min_hidden, schedule=self.schedule, weight_init=self.weight_init)

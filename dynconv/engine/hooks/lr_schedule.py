@@ -1,4 +1,5 @@
-"""Per-iteration learning-rate schedule (timm schedulers with step_on_epochs=False)."""
+"""Per-iteration learning-rate schedule (timm schedulers with step_on_epochs=False), one update per optimizer step
+(with gradient accumulation the scheduler is built with the optimizer steps per epoch, not the loader batches)."""
 
 from __future__ import annotations
 

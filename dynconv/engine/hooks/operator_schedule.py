@@ -39,5 +39,7 @@ class OperatorScheduleHook(Hook):
 
     def before_step(self, trainer):
         if self.modules:
+            # Both count optimizer steps, so the progress is the same whatever recipe.accum_steps is.
             progress = trainer.global_step / max(trainer.updates_per_epoch, 1)
-            trainer.scalars.update({f"schedule/{k}": v for k, v in apply_training_progress(self.modules, progress).items()})
+            scalars = apply_training_progress(self.modules, progress)
+            trainer.scalars.update({f"schedule/{k}": v for k, v in scalars.items()})

@@ -1,4 +1,5 @@
-"""A tqdm progress bar per epoch on the main process (it/s, ETA, loss, lr)."""
+"""A tqdm progress bar per epoch on the main process (it/s, ETA, loss, lr), counting optimizer steps (with
+gradient accumulation, `recipe.accum_steps` loader batches each)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ class ProgressHook(Hook):
         self.bar = None
 
     def before_epoch(self, trainer):
-        self.bar = tqdm(total=trainer.updates_per_epoch, initial=trainer.batches_done, file=sys.stderr,
+        self.bar = tqdm(total=trainer.updates_per_epoch, initial=trainer.steps_done_in_epoch, file=sys.stderr,
                         desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", dynamic_ncols=True, leave=False)
 
     def after_step(self, trainer):

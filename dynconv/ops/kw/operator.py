@@ -7,7 +7,15 @@ registered once in the backbone (`backbone.warehouses`). `build` then turns each
 mixtures, the warehouse size and its binary initial attentions beta.
 
 Knobs (configs/op/kw.yaml): b, partition, sharing, sharing_dims, attention, init, tau_epochs, tau, omni (KW*),
-reduction, nonlocal_basis, keep_static.
+reduction, nonlocal_basis, weight_init, keep_static.
+
+Initialisation (`op.weight_init`, docs/initialisation.md). The attention is the release's either way
+(`KWAttention.reset_parameters`). The cells: OSVAI/KernelWarehouse's `Warehouse_Manager.allocate` draws each
+layer's own cells with `kaiming_normal_(cells[start:end].view(-1, *cell_shape[1:]), mode="fan_out")`, so the
+fan-out is that of the layer's slice of cells, local_cells x cell_out x cell_kh x cell_kw = b O kh kw (C / c_in)
+with spatial partition, not the static kernel's O kh kw: the two agree only when b = 1 and a cell spans all of
+the layer's input channels (ResNet18's layer1), and the release starts ResNet18 KW (4x) at half the std.
+`reference` (the default) draws that; `pytorch` keeps dynconv's earlier rule, the static kernel's fan-out.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator, OperatorConfigError
+from dynconv.layers.initialisation import read_weight_init
 from dynconv.layers.kernel_bank import conv_geometry
 from dynconv.ops.kw.attention import ATTENTION_FUNCTIONS, KWAttention
 from dynconv.ops.kw.layers import KWConv2d, KWLinear, SplitQKV, Warehouse, layer_fan_out, link_warehouse
@@ -66,6 +75,7 @@ class KernelWarehouseOperator(Operator):
             self.fixed_tau = 0.0  # no beta: tau would only scale the attentions down (Table 9's "without")
         self.reduction = knobs.number_in("reduction", 0, 1, low_open=True, nullable=True)
         self.nonlocal_basis = knobs.number_in("nonlocal_basis", 0, 1, low_open=True, nullable=True)
+        self.weight_init = read_weight_init(knobs)
         if self.sharing == "none" and (self.budget < 1 or self.budget.denominator != 1):
             raise OperatorConfigError(f"op.sharing=none needs a whole budget (every mixture owns b cells): op.b="
                                       f"{self.budget} is invalid with it; allowed values are 1, 2, 4")
@@ -137,7 +147,7 @@ class KernelWarehouseOperator(Operator):
             bias = module.bias is not None
             built = KWLinear(shape.in_per_group, shape.out_channels, bias=bias, partition=cells, attention=attention)
         link_warehouse(built, warehouse)
-        self._init_cells(warehouse, cells, built.kernel_shape)
+        self._init_cells(warehouse, cells, built.kernel_shape, self.weight_init)
         return SplitQKV(module, built) if is_fused_qkv(layer) else built
 
     def _attention(self, layer: LayerInfo, spec: WarehouseSpec, cells: LayerCells, shape: KernelShape) -> KWAttention:
@@ -161,11 +171,20 @@ class KernelWarehouseOperator(Operator):
 
     @staticmethod
     @torch.no_grad()
-    def _init_cells(warehouse: Warehouse, cells: LayerCells, kernel_shape) -> None:
-        """The layer's own cells start like its static kernel would (kaiming-normal, fan_out, ReLU: the init of
-        timm's ResNet/MobileNet convolutions), so that at tau = 1, b = 1 the network is that static network."""
-        std = math.sqrt(2.0 / layer_fan_out(kernel_shape))
-        warehouse.cells[cells.start: cells.start + cells.local_cells].normal_(0.0, std)
+    def _init_cells(warehouse: Warehouse, cells: LayerCells, kernel_shape, weight_init: str = "reference") -> None:
+        """The layer's own cells, kaiming-normal (ReLU gain) with mode fan_out.
+
+        reference: the fan-out of the layer's slice of cells viewed as one convolution weight
+        (local_cells * cell_out, cell_in, ckh, ckw), as the release's `Warehouse_Manager.allocate` computes it;
+        pytorch: the fan-out of the layer's static kernel (O kh kw), dynconv's earlier rule, under which the
+        layer at tau = 1, b = 1 starts like timm's static convolution."""
+        if cells.local_cells < 1:
+            return
+        if weight_init == "reference":
+            fan_out = cells.local_cells * cells.cell_out * math.prod(cells.cell_kernel)
+        else:
+            fan_out = layer_fan_out(kernel_shape)
+        warehouse.cells[cells.start: cells.start + cells.local_cells].normal_(0.0, math.sqrt(2.0 / fan_out))
 
 
 def _module_key(key: str) -> str:
