@@ -25,9 +25,11 @@ class BuiltBackbone:
         )
 
 
-# Initialisation knobs of some backbone families (docs/initialisation.md): passed to the builder only where the
-# backbone's config has them, so builders and configs without them keep working.
-BACKBONE_INIT_KNOBS = ("zero_init_last", "drop_path_schedule", "classifier_init")
+# Knobs of some backbone families: initialisation choices (docs/initialisation.md) and architecture variants
+# (docs/training.md: GroupNorm, ResNet v1). Passed to the builder only where the backbone's config has them, so
+# builders and configs without them keep working.
+BACKBONE_FAMILY_KNOBS = ("zero_init_last", "drop_path_schedule", "classifier_init", "norm_layer", "norm_groups",
+                         "stride_in_1x1")
 
 
 def make_operator(op_cfg: Mapping[str, Any]) -> Operator:
@@ -51,7 +53,7 @@ def build_backbone(
         image_size=image_size,
         drop_rate=backbone_cfg.get("drop_rate"),
         drop_path_rate=backbone_cfg.get("drop_path_rate"),
-        **{key: backbone_cfg[key] for key in BACKBONE_INIT_KNOBS if backbone_cfg.get(key) is not None},
+        **{key: backbone_cfg[key] for key in BACKBONE_FAMILY_KNOBS if backbone_cfg.get(key) is not None},
     )
     backbone.default_resolution = int(backbone_cfg.get("default_resolution", 224))
     decisions = convert(backbone, operator)

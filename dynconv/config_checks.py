@@ -267,6 +267,11 @@ BACKBONE = {
     "zero_init_last": FLAG,
     "drop_path_schedule": rule("choice", ("linear", "constant")),
     "classifier_init": rule("choice", ("library", "normal")),
+    # Architecture variants of the ResNets (docs/training.md): BatchNorm or GroupNorm(norm_groups, C); ResNet v1's
+    # stride on the first 1x1 of a downsampling bottleneck instead of the 3x3 (v1.5).
+    "norm_layer": rule("choice", ("batchnorm", "groupnorm")),
+    "norm_groups": rule("integer", 1),
+    "stride_in_1x1": FLAG,
     "default_resolution": rule("integer", 1, high=MAX_SIDE),
 }
 

@@ -30,7 +30,7 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
     """A copy with training-only reparameterisations folded away.
 
     Modules that define `fold_for_inference() -> nn.Module` are replaced by what it returns, and
-    `torch.nn.utils.parametrize` parametrizations are baked into plain weights.
+    `torch.nn.utils.parametrize` parametrizations are baked into plain weights, as eval mode computes them.
     """
     from torch.nn.utils import parametrize
 
@@ -42,8 +42,14 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
             setattr(parent, child, module.fold_for_inference())
     for module in folded.modules():
         if parametrize.is_parametrized(module):
+            # Bake in the weight eval mode uses: spectral normalisation runs a power iteration (and moves its u, v)
+            # at every train-mode evaluation, so folding a model in train mode would not give its eval weights.
+            module.parametrizations.eval()
             for tensor_name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+                # Grad on, even inside no_grad: a parametrization of several tensors (weight norm's g and v)
+                # leaves an nn.Parameter only if the baked value requires grad, else a buffer.
+                with torch.enable_grad():
+                    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     return folded
 
 

@@ -207,3 +207,96 @@ def test_inductor_compile_runs():
     module = _make(4, 6, 3, 1, 1, True).float()
     x = torch.randn(3, 4, 8, 8)
     torch.testing.assert_close(torch.compile(module)(x), module(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- CAF (KW Table 10)
+CAF_OP = {**OP, "attention_function": "caf", "tau_epochs": 10}
+TAU = 0.15  # tau at epoch 8.5 of 10: both terms of Eq. 4 take part
+
+
+def reference_caf_dyconv(x, module, tau):
+    """KernelWarehouse Eq. 4 in place of the softmax, one sample at a time: z = FC2(ReLU(FC1(GAP(x_b)))),
+    pi = tau * beta + (1 - tau) * z / (sum_k |z_k| + 1e-3), beta one-hot on the first kernel;
+    W_b = sum_k pi_k W_k, b_b = sum_k pi_k b_k, y_b = W_b * x_b + b_b."""
+    att, outputs = module.attention, []
+    beta = torch.zeros(module.kernels, dtype=x.dtype)
+    beta[0] = 1.0
+    for b in range(x.shape[0]):
+        xb = x[b : b + 1]
+        z = torch.relu(xb.mean(dim=(2, 3))[0] @ att.fc1.weight.t()) @ att.fc2.weight.t() + att.fc2.bias
+        pi = tau * beta + (1 - tau) * z / (z.abs().sum() + 1e-3)
+        wb = sum(pi[k] * module.weight[k] for k in range(module.kernels))
+        bb = None if module.bias is None else sum(pi[k] * module.bias[k] for k in range(module.kernels))
+        outputs.append(F.conv2d(xb, wb, bb, module.stride, module.padding, 1, module.groups))
+    return torch.cat(outputs)
+
+
+def _make_caf(in_ch, out_ch, kernel, stride, groups, bias, kernels=3):
+    from dynconv.layers.contrasting_attention import LinearTau
+
+    torch.manual_seed(0)
+    module = DyConv2d(in_ch, out_ch, (kernel, kernel), stride=stride, padding=kernel // 2, groups=groups,
+                      bias=bias, kernels=kernels, caf=LinearTau(10.0)).double()
+    with torch.no_grad():
+        module.attention.fc1.weight.normal_(0, 2.0)
+        module.attention.fc1.weight[0].abs_()
+        module.attention.fc2.weight.normal_(0, 4.0)
+        module.attention.fc2.bias.normal_(0, 1.0)
+    module.attention.caf.set_training_progress(EPOCH)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["module", "kernels", "outputs"])
+@pytest.mark.parametrize(("stride", "grouping", "kernel", "batch", "bias"), CASES,
+                         ids=[f"s{s}-{g}-k{k}-b{b}-{'bias' if bb else 'nobias'}" for s, g, k, b, bb in CASES])
+def test_caf_matches_per_sample_reference(stride, grouping, kernel, batch, bias, mode):
+    """op.attention_function=caf: output and every gradient equal Eq. 4's per-sample loop (1e-10, float64)."""
+    in_ch, out_ch, groups = GROUPINGS[grouping]
+    module = _make_caf(in_ch, out_ch, kernel, stride, groups, bias)
+    assert module.attention.caf.tau.item() == pytest.approx(TAU, abs=1e-12)
+    x = _input(batch, in_ch)
+    x_ref = x.clone().requires_grad_(True)
+    x.requires_grad_(True)
+    names = PARAMS + (["bias"] if bias else [])
+    params = [module.get_parameter(n) for n in names]
+    y = _forward(module, x, mode)
+    assert_matches_reference(y, reference_caf_dyconv(x_ref, module, TAU), x, x_ref, names, params)
+
+
+def test_caf_attentions_contrast_and_start_as_one_kernel():
+    """CAF's attentions can be negative and do not sum to 1 (the "contrasting" term); at tau = 1 (epoch 0) they
+    are beta, so the layer is nn.Conv2d with its first kernel and bias (KW Fig. 4's "standard convolutions")."""
+    module = _make_caf(4, 6, 3, 2, 1, True)
+    module.attention.caf.set_training_progress(20.0)  # tau = 0: the normalised logits alone
+    pi = module.attention(_input(4, 4))
+    assert (pi < 0).any() and not torch.allclose(pi.sum(1), torch.ones(4, dtype=torch.float64))
+    assert torch.all(pi.abs().sum(1) < 1)  # |z| / (sum |z| + 1e-3)
+    module.attention.caf.set_training_progress(0.0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(module.weight[0])
+        conv.bias.copy_(module.bias[0])
+    x = _input(3, 4, 11)
+    torch.testing.assert_close(module(x), conv(x), rtol=0.0, atol=1e-12)
+
+
+def test_caf_tau_schedule_replaces_the_temperature():
+    """Under CAF the hook sets tau (1 -> 0 over op.tau_epochs, per iteration), a checkpointed buffer; the softmax
+    temperature is gone (it would cancel in z / sum |z|)."""
+    model = make_operator(CAF_OP).build(_layer(nn.Conv2d(4, 6, 3, padding=1, bias=False)))
+    modules = scheduled_modules(model)
+    assert not hasattr(model.attention, "temperature") and model.attention.caf in modules
+    for epoch, expected in [(0.0, 1.0), (2.5, 0.75), (10.0, 0.0), (14.2, 0.0)]:
+        assert apply_training_progress(modules, epoch) == {"caf_tau": pytest.approx(expected)}
+    assert model.state_dict()["attention.caf.tau"].item() == 0.0
+
+
+def test_caf_knobs():
+    """softmax is the default (a config without the key builds the paper's DY-Conv); caf follows the recipe's
+    kw_tau_epochs in configs/op/dyconv.yaml; bad values name the key and what is allowed."""
+    assert make_operator(OP).attention_function == "softmax"
+    shipped = load_op_config("dyconv")
+    assert (shipped["attention_function"], shipped["tau_epochs"]) == ("softmax", 10)
+    assert_knob_rejected(OP, "attention_function", "sigmoid", "softmax, caf")
+    assert_knob_rejected(CAF_OP, "tau_epochs", -1, "numbers >= 0")
+    assert_knob_rejected(CAF_OP, "kernels", 1, "integers >= 2 with op.attention_function=caf")

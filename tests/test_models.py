@@ -44,7 +44,8 @@ HEAVY = {"resnext29_16x64d"}
 
 def test_the_papers_operators_are_registered():
     """The matrix below reads the registry; the operators of the papers must all be in it (discovered on import)."""
-    papers = {"static", "condconv", "dyconv", "odconv", "weightnet", "kw", "dynet", "lwe", "mwe", "we", "sk"}
+    papers = {"static", "condconv", "dyconv", "odconv", "weightnet", "kw", "dynet", "lwe", "mwe", "we", "sk",
+              "weight_std", "weight_norm", "spectral_norm", "cgc", "dcd"}
     assert papers <= set(OPERATORS.names()) and set(OPERATORS.names()) <= set(OPS)
 
 

@@ -26,7 +26,7 @@ def _head(linear, h, temperature, activation):
     return None if linear is None else activation((h @ linear.weight.t() + linear.bias) / temperature)
 
 
-def reference_odconv(x, module, temperature, batch_statistics=False):
+def reference_odconv(x, module, temperature, batch_statistics=False, caf_tau=None):
     """The ODConv definition one sample at a time, all four attentions applied to the kernels (none moved to
     the feature maps):
 
@@ -34,6 +34,8 @@ def reference_odconv(x, module, temperature, batch_statistics=False):
 
     with the paper's attention GAP -> FC -> BN -> ReLU -> heads / T (sigmoid; softmax for a_w). The BN uses
     its running statistics, or, with `batch_statistics`, the batch's (biased variance, as training BN does).
+    With `caf_tau`, a_w is KernelWarehouse's CAF (Eq. 4) on the kernel head's logits z, without T:
+    tau * beta + (1 - tau) * z / (sum_k |z_k| + 1e-3), beta one-hot on the first kernel.
     """
     att = module.attention
     h = x.mean(dim=(2, 3)) @ att.fc.weight.t()
@@ -52,7 +54,13 @@ def reference_odconv(x, module, temperature, batch_statistics=False):
         a_c = _head(att.channel, h[b], temperature, torch.sigmoid)
         a_f = _head(att.filter, h[b], temperature, torch.sigmoid)
         a_s = _head(att.spatial, h[b], temperature, torch.sigmoid)
-        a_w = _head(att.kernel, h[b], temperature, lambda z: torch.softmax(z, dim=0))
+        if caf_tau is None:
+            a_w = _head(att.kernel, h[b], temperature, lambda z: torch.softmax(z, dim=0))
+        else:
+            z = h[b] @ att.kernel.weight.t() + att.kernel.bias
+            beta = torch.zeros(n, dtype=x.dtype)
+            beta[0] = 1.0
+            a_w = caf_tau * beta + (1 - caf_tau) * z / (z.abs().sum() + 1e-3)
         a_f = torch.ones(out_ch, dtype=x.dtype) if a_f is None else a_f  # skipped for depthwise
         a_s = torch.ones(kh * kw, dtype=x.dtype) if a_s is None else a_s  # skipped for 1 x 1
         a_w = torch.ones(1, dtype=x.dtype) if a_w is None else a_w  # skipped for n = 1
@@ -242,3 +250,59 @@ def test_compiles_without_graph_breaks_or_recompiles(train):
         else:
             torch.testing.assert_close(compiled(x), module(x))
     assert counter.frame_count == 1
+
+
+# ---------------------------------------------------------------------------------------------- CAF (KW Table 10)
+CAF_OP = {**OP, "attention_function": "caf", "tau_epochs": 10}
+TAU = 0.15  # tau at epoch 8.5 of 10: both terms of Eq. 4 take part
+CAF_CASES = list(itertools.product([1, 2], sorted(GROUPINGS), [1, 3], [1, 3], [2, 3]))
+
+
+def _make_caf(in_ch, out_ch, kernel, stride, groups, kernels):
+    from dynconv.layers.contrasting_attention import LinearTau
+
+    module = _make(in_ch, out_ch, kernel, stride, groups, kernels)  # softmax module: the same parameters
+    caf = ODConv2d(in_ch, out_ch, (kernel, kernel), stride=stride, padding=kernel // 2, groups=groups,
+                   kernels=kernels, min_hidden=4, caf=LinearTau(10.0)).double()
+    caf.load_state_dict(module.state_dict(), strict=False)
+    caf.attention.set_training_progress(EPOCH)
+    caf.attention.kernel_caf.set_training_progress(EPOCH)
+    return caf.eval()
+
+
+@pytest.mark.parametrize(("stride", "grouping", "kernel", "batch", "kernels"), CAF_CASES,
+                         ids=[f"s{s}-{g}-k{k}-b{b}-n{n}" for s, g, k, b, n in CAF_CASES])
+def test_caf_matches_per_sample_reference(stride, grouping, kernel, batch, kernels):
+    """op.attention_function=caf: a_w by Eq. 4, the other three attentions unchanged (sigmoid / T); output and
+    every gradient equal the per-sample loop to 1e-10 in float64."""
+    in_ch, out_ch, groups = GROUPINGS[grouping]
+    module = _make_caf(in_ch, out_ch, kernel, stride, groups, kernels)
+    assert module.attention.kernel_caf.tau.item() == pytest.approx(TAU, abs=1e-12)
+    x = _input(batch, in_ch)
+    x_ref = x.clone().requires_grad_(True)
+    x = x.clone().requires_grad_(True)
+    names = [n for n, p in module.named_parameters()]
+    params = [p for n, p in module.named_parameters()]
+    y_ref = reference_odconv(x_ref, module, LinearTemperature(30.0, 1.0, 10.0)(EPOCH), caf_tau=TAU)
+    assert_matches_reference(module(x), y_ref, x, x_ref, names, params)
+
+
+def test_caf_schedules_tau_beside_the_temperature():
+    """Under CAF the hook sets tau (1 -> 0 over op.tau_epochs) for a_w and T (30 -> 1) for the sigmoids; both
+    are checkpointed buffers."""
+    model = make_operator(CAF_OP).build(_layer(nn.Conv2d(32, 64, 3, padding=1, bias=False)))
+    modules = scheduled_modules(model)
+    assert set(map(id, modules)) == {id(model.attention), id(model.attention.kernel_caf)}
+    assert apply_training_progress(modules, 2.5) == {"temperature": pytest.approx(22.75), "caf_tau": 0.75}
+    assert apply_training_progress(modules, 12.0) == {"temperature": 1.0, "caf_tau": 0.0}
+    assert {"attention.temperature", "attention.kernel_caf.tau"} <= set(model.state_dict())
+
+
+def test_caf_knobs():
+    """softmax is the default; caf needs n >= 2 (n = 1 has no kernel head to apply it to); bad values name the key."""
+    assert make_operator(OP).attention_function == "softmax"
+    shipped = load_op_config("odconv")
+    assert (shipped["attention_function"], shipped["tau_epochs"]) == ("softmax", 10)
+    assert_knob_rejected(OP, "attention_function", "sigmoid", "softmax, caf")
+    assert_knob_rejected(CAF_OP, "tau_epochs", -1, "numbers >= 0")
+    assert_knob_rejected(CAF_OP, "kernels", 1, "integers >= 2 with op.attention_function=caf")

@@ -94,7 +94,7 @@ def test_smoke_launch_collect_show(tmp_path):
     assert rows["static"]["status"] == "pending run (smoke results only)"
     assert "top1" in rows["static"]["dynconv"] and rows["static"]["smoke"] == ["top1", "top5"]
     assert rows["static"]["dynconv"]["params"] == pytest.approx(11.6895, abs=1e-4)
-    assert rows["kw_1x"]["status"] == "pending run" and rows["cgc"]["status"].startswith("cannot build")
+    assert rows["kw_1x"]["status"] == "pending run" and rows["cgc"]["status"].startswith("differs: params")
     assert (runs / "tables" / "kw_t1.json").exists()
 
     markdown = _run("show", "table=kw_t1", f"runs={runs}")

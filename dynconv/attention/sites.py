@@ -76,7 +76,9 @@ def _resnet_blocks(net: nn.Module) -> list[Site]:
     sites = []
     for name, block in net.named_modules():
         if isinstance(block, (BasicBlock, Bottleneck)):
-            channels = (block.bn3 if isinstance(block, Bottleneck) else block.bn2).num_features
+            norm = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+            # GroupNorm (backbone.norm_layer=groupnorm) names its width num_channels, BatchNorm num_features.
+            channels = getattr(norm, "num_features", None) or norm.num_channels
             sites.append(Site(name, channels, channels, _set(block, "se"), own_se=block.se is not None))
     return sites
 

@@ -16,9 +16,21 @@ Initialisation knobs (docs/initialisation.md), each in the configs of the backbo
   MobileNetV2: U(+-1/sqrt(classes)), zero bias), `normal` draws N(0, 0.01) with a zero bias, as the torchvision-style
   networks of the ODConv and KernelWarehouse releases do (except KernelWarehouse's `kw_resnet.py`, which keeps
   nn.Linear's default).
+
+Architecture variants (ResNet family; `resnet_variants.py`, docs/training.md), passed the same way:
+
+- `norm_layer` (`batchnorm` | `groupnorm`) and `norm_groups` (32): GroupNorm(32, C) in place of every
+  BatchNorm2d (Weight Excitation Table 4's ResNet50-GN).
+- `stride_in_1x1` (Bottleneck ResNets): ResNet v1, the downsampling block strides its first 1x1 instead of
+  the 3x3 (the 3.86 GMACs of the papers' ResNet50).
+
+MobileNetV2 widths timm does not register (0.6, DyNet Table 1) come from timm's own MobileNetV2 generator with
+its channel multiplier (`_mobilenetv2_width`), the definition of every registered width.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import timm
 import torch
@@ -26,6 +38,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from dynconv.backbones.backbone import BACKBONES, FAMILY_RULES, Backbone, PlaceRule
+from dynconv.backbones.resnet_variants import NORM_LAYERS, move_stride_to_1x1, norm_layer_argument
 from dynconv.knobs import Knobs
 
 DROP_PATH_SCHEDULES = ("linear", "constant")
@@ -80,22 +93,35 @@ def _feature_indices(net: nn.Module) -> list[int]:
     return [last_of_stride[stride] for stride in sorted(last_of_stride)]
 
 
-def timm_backbone(name: str, timm_name: str, family: str, *, num_classes: int, image_size: int, vit: bool = False,
-                   dynet_reduction: float | None = None, drop_path_schedule: str = "linear",
-                   classifier_init: str = "library", **kw):
-    """`kw` goes to `timm.create_model` (None values left out: timm's defaults), `zero_init_last` included."""
-    knobs = Knobs({"drop_path_schedule": drop_path_schedule, "classifier_init": classifier_init, **kw}, "backbone")
+def timm_backbone(name: str, timm_name: str | Callable[..., nn.Module], family: str, *, num_classes: int,
+                  image_size: int, vit: bool = False, dynet_reduction: float | None = None,
+                  drop_path_schedule: str = "linear", classifier_init: str = "library", norm_layer: str = "batchnorm",
+                  norm_groups: int = 32, stride_in_1x1: bool = False, **kw):
+    """`kw` goes to `timm.create_model` (None values left out: timm's defaults), `zero_init_last` included.
+    `timm_name` is a timm model name, or a function that builds the network with create_model's arguments."""
+    knobs = Knobs({"drop_path_schedule": drop_path_schedule, "classifier_init": classifier_init,
+                   "norm_layer": norm_layer, "norm_groups": norm_groups, "stride_in_1x1": stride_in_1x1, **kw},
+                  "backbone")
     knobs.choice("drop_path_schedule", DROP_PATH_SCHEDULES)
     knobs.choice("classifier_init", CLASSIFIER_INITS)
+    knobs.choice("norm_layer", NORM_LAYERS)
+    knobs.integer("norm_groups")
+    knobs.flag("stride_in_1x1")
     if kw.get("zero_init_last") is not None:
         knobs.flag("zero_init_last")
     kwargs = {k: v for k, v in kw.items() if v is not None}
+    kwargs.update(norm_layer_argument(norm_layer, norm_groups))
     constant_drop_path = kwargs.pop("drop_path_rate", 0.0) if drop_path_schedule == "constant" else 0.0
     if vit:
         # The position embedding is sized for the training resolution; timm interpolates it when
         # the input size changes (dynamic_img_size) so the same model profiles at 224.
         kwargs.update(img_size=image_size, dynamic_img_size=True)
-    net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    if isinstance(timm_name, str):
+        net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        net = timm_name(pretrained=False, num_classes=num_classes, **kwargs)
+    if stride_in_1x1:
+        move_stride_to_1x1(net, name)
     if constant_drop_path:
         set_constant_drop_path(net, constant_drop_path)
     if classifier_init == "normal":
@@ -139,22 +165,33 @@ def normal_classifier_(net: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-# The initialisation knobs each family's builders take (and their defaults); build.py passes the ones the
-# backbone's config sets.
-INIT_KNOBS = {
-    "resnet": {"zero_init_last": None, "drop_path_schedule": "linear", "classifier_init": "library"},
+# The knobs each family's builders take beyond the common ones (and their defaults): initialisation choices and
+# architecture variants; build.py passes the ones the backbone's config sets.
+FAMILY_KNOBS = {
+    "resnet": {"zero_init_last": None, "drop_path_schedule": "linear", "classifier_init": "library",
+               "norm_layer": "batchnorm", "norm_groups": 32, "stride_in_1x1": False},
     "mobilenetv2": {"classifier_init": "library"},
 }
 
 
-def _register(name: str, timm_name: str, family: str, vit: bool = False) -> None:
-    defaults = INIT_KNOBS.get(family, {})
+def _mobilenetv2_width(multiplier: float) -> Callable[..., nn.Module]:
+    """A MobileNetV2 of any width from timm's generator (Sandler et al.'s rule, channels rounded to multiples
+    of 8, the last 1x1 max(1280, 1280 x width)), which every width timm registers calls with its multiplier
+    (mobilenetv2_050 is `_gen_mobilenet_v2("mobilenetv2_050", 0.5)`). The variant name only picks timm's
+    pretrained config (input size, mean, std; no weights are loaded): MobileNetV2 1.0's, shared by all widths."""
+    from timm.models.efficientnet import _gen_mobilenet_v2
+
+    return lambda **kwargs: _gen_mobilenet_v2("mobilenetv2_100", multiplier, **kwargs)
+
+
+def _register(name: str, timm_name: str | Callable[..., nn.Module], family: str, vit: bool = False) -> None:
+    defaults = FAMILY_KNOBS.get(family, {})
 
     def build(num_classes: int = 1000, image_size: int = 224, drop_rate=None, drop_path_rate=None,
               **init) -> Backbone:
         unknown = sorted(set(init) - set(defaults))
         if unknown:
-            raise TypeError(f"backbone {name} has no knob backbone.{unknown[0]} (its initialisation knobs: "
+            raise TypeError(f"backbone {name} has no knob backbone.{unknown[0]} (its family's knobs: "
                             f"{', '.join(defaults) or 'none'})")
         return timm_backbone(
             name,
@@ -177,6 +214,8 @@ FAMILY_RULES.update(resnet=RESNET_RULES, mobilenetv2=MOBILENET_RULES, mobilenetv
 for _name in ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "resnet152"):
     _register(_name, _name, "resnet")
 _register("mobilenetv2_100", "mobilenetv2_100", "mobilenetv2")
+_register("mobilenetv2_075", "mobilenetv2_075", "mobilenetv2")
+_register("mobilenetv2_060", _mobilenetv2_width(0.6), "mobilenetv2")  # DyNet Table 1's 0.6 (not in timm)
 _register("mobilenetv2_050", "mobilenetv2_050", "mobilenetv2")
 _register("mobilenetv3_small", "mobilenetv3_small_100", "mobilenetv3")
 _register("mobilenetv3_large", "mobilenetv3_large_100", "mobilenetv3")

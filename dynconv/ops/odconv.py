@@ -21,6 +21,15 @@ epochs, per iteration): channel = sigmoid, filter = sigmoid (skipped for depthwi
 duplicates the channel attention), spatial = sigmoid (skipped for 1 x 1), kernel = softmax over n (skipped
 for n = 1).
 
+Kernel-wise attention function (`op.attention_function`): `softmax` (the paper, above) or `caf`,
+KernelWarehouse's contrasting-driven attention function (Li & Yao, ICML 2024, Eq. 4; Table 10 "Applying CAF to
+other dynamic convolution methods"): a_w = tau * beta + (1 - tau) * z / sum_k |z_k| over the kernel head's
+logits z. Only a_w changes: the channel, filter and spatial attentions are sigmoids over one value each, not
+attentions over the n kernels, and keep their temperature T. The paper gives no more detail for ODConv; the
+choices (beta one-hot on the layer's first kernel, tau 1 -> 0 over `op.tau_epochs` in place of T for a_w, + 1e-3
+in the normaliser) are argued in `dynconv/layers/contrasting_attention.py`. It needs n >= 2 (n = 1 has no kernel
+head).
+
 Batch size 1 in train mode: the reference's BatchNorm raises there (ODConv#27: one value per channel has no
 batch variance). `BatchSafeBatchNorm1d` normalises a batch of one with its running statistics instead (the
 eval-mode computation, without updating them): the only well-defined normalisation for one sample, it keeps
@@ -56,17 +65,19 @@ import torch.nn.functional as F
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
 from dynconv.functional.mixture import mixture_conv2d
 from dynconv.layers.batch_safe_norm import BatchSafeBatchNorm1d
+from dynconv.layers.contrasting_attention import ContrastingAttention, LinearTau, one_hot_beta, read_attention_function
 from dynconv.layers.initialisation import kaiming_linears_, kernel_fans, normal_, read_weight_init
 from dynconv.layers.kernel_bank import KernelBankConv2d, conv_geometry
 from dynconv.layers.temperature import LinearTemperature, TemperatureMixin, read_temperature_schedule
 
 
 class OmniAttention(TemperatureMixin, nn.Module):
-    """The four ODConv attentions (channel, filter, spatial, kernel); a skipped one is None."""
+    """The four ODConv attentions (channel, filter, spatial, kernel); a skipped one is None. With `caf` (a
+    LinearTau) the kernel attention is KernelWarehouse's CAF instead of softmax(z / T)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int,
                  kernels: int, reduction: float = 0.0625, min_hidden: int = 16,
-                 schedule: LinearTemperature = LinearTemperature()):
+                 schedule: LinearTemperature = LinearTemperature(), caf: LinearTau | None = None):
         super().__init__()
         hidden = max(int(in_channels * reduction), min_hidden)
         self.kernel_size = tuple(kernel_size)
@@ -77,6 +88,8 @@ class OmniAttention(TemperatureMixin, nn.Module):
         self.filter = None if depthwise else nn.Linear(hidden, out_channels)
         self.spatial = None if math.prod(self.kernel_size) == 1 else nn.Linear(hidden, math.prod(self.kernel_size))
         self.kernel = None if kernels == 1 else nn.Linear(hidden, kernels)
+        self.kernel_caf = None if caf is None or self.kernel is None else ContrastingAttention(one_hot_beta(kernels),
+                                                                                              caf)
         self.init_temperature(schedule)
 
     def forward(self, x: torch.Tensor):
@@ -86,7 +99,11 @@ class OmniAttention(TemperatureMixin, nn.Module):
         channel = torch.sigmoid(self.channel(h) / t)
         filt = None if self.filter is None else torch.sigmoid(self.filter(h) / t)
         spatial = None if self.spatial is None else torch.sigmoid(self.spatial(h) / t).view(-1, *self.kernel_size)
-        kernel = None if self.kernel is None else torch.softmax(self.kernel(h) / t, dim=1)
+        kernel = None
+        if self.kernel_caf is not None:
+            kernel = self.kernel_caf(self.kernel(h))
+        elif self.kernel is not None:
+            kernel = torch.softmax(self.kernel(h) / t, dim=1)
         return channel, filt, spatial, kernel
 
 
@@ -95,11 +112,12 @@ class ODConv2d(KernelBankConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, kernels: int = 1, reduction: float = 0.0625, min_hidden: int = 16,
-                 schedule: LinearTemperature = LinearTemperature(), weight_init: str = "pytorch"):
+                 schedule: LinearTemperature = LinearTemperature(), weight_init: str = "pytorch",
+                 caf: LinearTau | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          kernels=kernels, bias=False)
         self.attention = OmniAttention(in_channels, out_channels, self.kernel_size, groups, kernels, reduction,
-                                       min_hidden, schedule)
+                                       min_hidden, schedule, caf)
         if weight_init == "reference":
             self.reference_init()
 
@@ -154,6 +172,7 @@ class ODConvOperator(Operator):
         self.min_hidden = self.knobs.integer("min_hidden")
         self.schedule = read_temperature_schedule(self.knobs)
         self.weight_init = read_weight_init(self.knobs)
+        self.attention_function, self.tau = read_attention_function(self.knobs, self.kernels)
 
     def refuse(self, layer: LayerInfo) -> str | None:
         reason = super().refuse(layer)
@@ -163,4 +182,5 @@ class ODConvOperator(Operator):
 
     def build(self, layer: LayerInfo) -> nn.Module:
         return ODConv2d(**conv_geometry(layer.module), kernels=self.kernels, reduction=self.reduction,
-                        min_hidden=self.min_hidden, schedule=self.schedule, weight_init=self.weight_init)
+                        min_hidden=self.min_hidden, schedule=self.schedule, weight_init=self.weight_init,
+                        caf=self.tau if self.attention_function == "caf" else None)

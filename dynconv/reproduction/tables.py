@@ -81,7 +81,7 @@ class Row:
     overrides: tuple[str, ...]
     paper: dict[str, Any]
     cannot_build: str | None = None
-    quoted_from: str | None = None  # a network quoted from another paper (no dynconv model)
+    quoted_from: str | None = None  # a network (and its numbers) quoted from another paper
     differs: dict[str, str] = field(default_factory=dict)  # column key -> why dynconv cannot match the paper there
     baseline: str | None = None  # row id that metric_delta and cpu_latency columns compare with
     init_from: str | None = None  # "<table>/<row>": the ImageNet row whose checkpoint this row fine-tunes
@@ -90,9 +90,13 @@ class Row:
 
     @property
     def buildable(self) -> bool:
-        return self.cannot_build is None and self.quoted_from is None
+        # A quoted network that dynconv also builds (the row has overrides) is counted and trained as any row;
+        # quoted_from then only says whose numbers the paper prints.
+        return self.cannot_build is None and (self.quoted_from is None or bool(self.overrides))
 
     def reason_not_built(self) -> str | None:
+        if self.buildable:
+            return None
         if self.quoted_from:
             return f"quoted from {self.quoted_from}; no such network in dynconv"
         return self.cannot_build

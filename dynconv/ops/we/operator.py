@@ -16,6 +16,8 @@ change during inference", Abstract; Table 1's inference columns equal the baseli
 - `op=mwe`: MWE on every convolution (Table 2/3/5's ResNet50-MWE; eps_A = 0.1, Sec. 4.2).
 - `op=we`: the paper's MobileNetV2-WE (Table 1): LWE on regular convolutions, MWE on depthwise ones, where LWE's
   m is an Out x 1 map that "likely gets absorbed by the following batch normalization" (Sec. 4.2).
+  `op.regular=lwe_mwe` puts both on each regular convolution (Table 3's "+LWE+MWE": MWE applied to LWE's
+  output), `op.regular=mwe` MWE (then op=we is op=mwe).
 
 Input normalisation: the weight is standardised per output channel before LWE / MWE (end of Sec. 3.3), except in
 depthwise convolutions (Sec. 4.1, "performances deteriorate when weights are normalized in depthwise
@@ -49,44 +51,26 @@ row within 0.05M, but nothing in the paper points to such a value, so the defaul
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch.nn as nn
 
-from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator, OperatorConfigError
+from dynconv.conversion.operator import OPERATORS, LayerInfo, OperatorConfigError
 from dynconv.ops.we.location import LocationExcitation
 from dynconv.ops.we.magnitude import MagnitudeExcitation
 from dynconv.ops.we.parametrize import excite
+from dynconv.ops.we.placement import WeightParametrizationOperator, inputs_per_group
 
 ONE_INPUT_REASON = ("one input channel per group: LWE's map m would be Out x 1, a per-channel scale the next BN "
                     "absorbs (WE Sec. 4.2); op=we excites these layers with MWE")
 
 
-def inputs_per_group(layer: LayerInfo) -> int:
-    """In of the paper's Out x In x h x w: the weight's second dimension."""
-    return layer.module.weight.shape[1]
-
-
-class WeightExcitationOperator(Operator):
-    """Shared by lwe / mwe / we: which layers are candidates, and the knobs they have in common."""
-
-    # WE costs nothing at inference, so the stem and head are excited like every other convolution block;
-    # SE branches (the backbone's and the attn add-ons') and the classifier are not convolution blocks.
-    static_roles = frozenset({"se", "classifier"})
+class WeightExcitationOperator(WeightParametrizationOperator):
+    """Shared by lwe / mwe / we: the knobs they have in common. Which layers are candidates is `placement.py`'s
+    rule: WE costs nothing at inference, so the stem and head are excited like every other convolution block;
+    SE branches (the backbone's and the attn add-ons') and the classifier are not convolution blocks."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.standardize = self.knobs.flag("standardize")
-
-    def refuse(self, layer: LayerInfo) -> str | None:
-        # Not Operator.refuse: a weight reparameterisation works with any padding mode, so only place and type.
-        if layer.role in self.static_roles:
-            return f"role '{layer.role}' is kept static by {self.name}"
-        if any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in self.keep_static):
-            return "matched op.keep_static"
-        if not layer.is_conv:
-            return f"{self.name} excites convolution weights only"
-        return None
 
     def standardizes(self, layer: LayerInfo) -> bool:
         """Standardise the input of WE except in depthwise-like layers (WE Sec. 4.1)."""
@@ -146,18 +130,41 @@ class MagnitudeExcitationOperator(WeightExcitationOperator):
         return excite(layer.module, self.magnitude(layer))
 
 
+# What op=we puts on a convolution with more than one input channel per group (op.regular).
+REGULAR = ("lwe", "lwe_mwe", "mwe")
+
+
 @OPERATORS.register("we")
 class CombinedExcitationOperator(WeightExcitationOperator):
-    """MobileNetV2-WE (Table 1): LWE where In > 1, MWE on depthwise (In = 1) convolutions.
-    Knobs: op.reduction, op.min_hidden, op.eps, op.standardize."""
+    """MobileNetV2-WE (Table 1): MWE on depthwise (In = 1) convolutions, and on the others what op.regular says:
+    `lwe` (the default, Table 1's WE), `lwe_mwe` (Table 3's "+LWE+MWE": MWE applied to LWE's output,
+    f_A(m * W_n), see `lwe_then_mwe`) or `mwe` (MWE everywhere, as op=mwe).
+    Knobs: op.regular, op.reduction, op.min_hidden, op.eps, op.standardize."""
 
     name = "we"
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.regular = self.knobs.choice("regular", REGULAR)
         self._location_knobs()
         self.eps = self.knobs.number("eps", 0)
 
     def build(self, layer: LayerInfo) -> nn.Module:
-        single = inputs_per_group(layer) == 1
-        return excite(layer.module, self.magnitude(layer) if single else self.location(layer))
+        if inputs_per_group(layer) == 1 or self.regular == "mwe":
+            return excite(layer.module, self.magnitude(layer))
+        if self.regular == "lwe":
+            return excite(layer.module, self.location(layer))
+        return self.lwe_then_mwe(layer)
+
+    def lwe_then_mwe(self, layer: LayerInfo) -> nn.Module:
+        """W -> f_A(m * W_n): LWE (Eq. 1, on the standardised weight as in Sec. 3.3; W itself with
+        op.standardize=false) first, then MWE (Eq. 2) on LWE's output, as a second parametrization in the chain.
+
+        The paper only says that it combined them (Sec. 4.2, 77.09% against LWE's 77.07%). This order keeps each
+        method's input what its own section defines: LWE's subnetwork still pools the standardised weight (Eq. 1),
+        and MWE, which gives larger gains to a weight with "a relatively larger magnitude among all weights of W"
+        (Sec. 3.3), acts on the weights the convolution finally uses. MWE does not standardise again: W_n is
+        standardised already, and M_A = (1 + eps_A) max|W| makes f_A scale-equivariant (f_A(c w) = c f_A(w) for
+        c > 0), so only m's per-kernel pattern reaches it."""
+        excite(layer.module, self.location(layer))
+        return excite(layer.module, MagnitudeExcitation(self.eps, standardize=False))

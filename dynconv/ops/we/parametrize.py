@@ -1,4 +1,5 @@
-"""Put a Weight Excitation parametrization on a convolution so that copies of the model fold independently.
+"""Put a weight parametrization (Weight Excitation's, or one of `dynconv/ops/reparam/`) on a convolution so that
+copies of the model fold independently.
 
 `torch.nn.utils.parametrize` gives a parametrized module a class of its own (`ParametrizedConv2d`) that holds
 the `weight` property. Its default deepcopy gives the copy the same class object, and
@@ -28,11 +29,18 @@ def _deepcopy_with_own_class(self, memo):
     return replica
 
 
-def excite(conv: nn.Module, parametrization: nn.Module) -> nn.Module:
-    """Put `parametrization` on the layer's weight, in place; the layer keeps its stride, padding and bias.
-
-    unsafe=True skips parametrize's trial evaluation (one weight generation per layer at build time): LWE and
-    MWE return a tensor of the weight's shape and dtype by construction."""
-    parametrize.register_parametrization(conv, "weight", parametrization, unsafe=True)
+def fold_independently(conv: nn.Module) -> nn.Module:
+    """Give every future deepcopy of a parametrized layer its own parametrized class (see the module doc).
+    For layers parametrized by torch's own helpers (`torch.nn.utils.parametrizations.weight_norm`, ...)."""
     type(conv).__deepcopy__ = _deepcopy_with_own_class  # the class parametrize made for this layer alone
     return conv
+
+
+def excite(conv: nn.Module, parametrization: nn.Module) -> nn.Module:
+    """Put `parametrization` on the layer's weight, in place; the layer keeps its stride, padding and bias.
+    A second call appends to the chain: the weight is then second(first(original)).
+
+    unsafe=True skips parametrize's trial evaluation (one weight generation per layer at build time): LWE, MWE
+    and weight standardisation return a tensor of the weight's shape and dtype by construction."""
+    parametrize.register_parametrization(conv, "weight", parametrization, unsafe=True)
+    return fold_independently(conv)

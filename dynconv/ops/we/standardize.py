@@ -6,7 +6,15 @@ normalised weights are used "except when WE methods are used on depthwise convol
 
     W_n[j] = (W[j] - mean(W[j])) / sqrt(var(W[j]) + eps)        over the In x (t x) h x w weights of channel j
 
-Works for 1D, 2D and 3D convolution weights (Out x In x [t x] [h x] w).
+Works for 1D, 2D and 3D convolution weights (Out x In x [t x] [h x] w). `op=weight_std`
+(dynconv/ops/reparam/standardization.py) is this function alone.
+
+The eps convention is the WS paper's equation (Qiao et al., Sec. 3): sigma_j = sqrt(mean(W_j^2) - mu_j^2 + eps),
+the biased variance with eps inside the root. The layers in the WS repository's README add 1e-5 to the standard
+deviation instead, the population one in TensorFlow and `torch.std_mean`'s unbiased (N - 1) one in PyTorch. For
+N = In h w weights per channel, N - 1 is a per-channel factor sqrt(N / (N - 1)) (1.0009 at N = 576) that the
+following BN / GN absorbs, and where eps sits only matters for a channel whose weights are (nearly) all equal
+(std ~ 0.05 at He initialisation: sqrt(var + 1e-5) and std + 1e-5 differ by 0.2%).
 """
 
 from __future__ import annotations
