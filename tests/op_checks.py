@@ -1,10 +1,12 @@
-"""Checks every operator's tests share: its YAML config as the operator reads it, and a rejected knob."""
+"""Checks every operator's tests share: its YAML config as the operator reads it, a rejected knob, BN statistics."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 from omegaconf import OmegaConf
 
 from dynconv.build import make_operator
@@ -27,3 +29,15 @@ def assert_knob_rejected(op_cfg: dict, key: str, value, allowed: str) -> None:
         make_operator({**op_cfg, key: value})
     message = str(info.value)
     assert f"op.{key}" in message and repr(value) in message and allowed in message
+
+
+def calibrate_batch_norm(model: nn.Module, x: torch.Tensor) -> None:
+    """Running statistics of one train-mode batch, so that eval-mode activations stay on a sane scale
+    (standardised weights give fresh BNs, which normalise nothing in eval mode, outputs of 1e10 and more)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()

@@ -264,3 +264,22 @@ def test_batch_norm_affine_is_the_batchnorm(momentum):
         torch.testing.assert_close(scale[:, None, None] * values + shift[:, None, None], theirs(values),
                                    rtol=0, atol=1e-12)
         torch.testing.assert_close(mine.running_var, theirs.running_var, rtol=0, atol=1e-12)
+
+
+def test_batch_norm_affine_of_a_frozen_batch_norm_is_its_forward():
+    """Detection fine-tuning freezes every BatchNorm (Mask R-CNN's default): DCD's latent BatchNorms then are
+    fixed affine maps, in train mode too (the CI's maskrcnn x dcd step found `batch_norm_affine` reading
+    `track_running_stats` of a FrozenBatchNorm1d)."""
+    from dynconv.layers.batch_norm_affine import batch_norm_affine
+    from dynconv.tasks.detection.freeze import frozen_copy
+
+    bn = torch.nn.BatchNorm1d(6).double()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    frozen = frozen_copy(bn).double().train()
+    values = torch.randn(5, 6, dtype=torch.float64)
+    scale, shift = batch_norm_affine(frozen, values)
+    torch.testing.assert_close(scale * values + shift, frozen(values))

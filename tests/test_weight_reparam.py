@@ -23,7 +23,7 @@ from dynconv.ops.we.location import LocationExcitation
 from dynconv.ops.we.magnitude import MagnitudeExcitation, magnitude_excitation
 from dynconv.ops.we.parametrize import excite
 from dynconv.profiling import count_params, fold_for_inference
-from op_checks import assert_knob_rejected, load_op_config  # noqa: E402
+from op_checks import assert_knob_rejected, calibrate_batch_norm, load_op_config  # noqa: E402
 
 NO_ATTN = {"name": "none"}
 REPARAMS = ["weight_std", "weight_norm", "spectral_norm"]
@@ -225,17 +225,6 @@ def test_folding_gives_a_plain_conv_with_the_eval_mode_output(op):
         torch.testing.assert_close(fold_for_inference(model)(x), expected, rtol=0, atol=1e-14)
 
 
-def _calibrate_batch_norm(model: nn.Module, x: torch.Tensor) -> None:
-    """BN statistics of one train-mode batch, so that eval-mode activations stay on a sane scale."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
-
-
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenetv2_050"])
 @pytest.mark.parametrize("op", [*REPARAMS, "lwe_mwe"])
 def test_folded_backbone_is_the_static_one_with_the_same_outputs(op, backbone):
@@ -246,7 +235,7 @@ def test_folded_backbone_is_the_static_one_with_the_same_outputs(op, backbone):
     model = built.backbone
     assert all(d.converted == d.layer.is_conv for d in built.decisions if d.layer.role != "se")
     x = torch.randn(4, 3, 32, 32)
-    _calibrate_batch_norm(model, x)
+    calibrate_batch_norm(model, x)
     with torch.no_grad():
         expected = model(x)
         folded = fold_for_inference(model)

@@ -16,12 +16,16 @@ import torch
 import torch.nn as nn
 
 
-def uses_batch_statistics(norm: nn.modules.batchnorm._BatchNorm, values_per_channel: int) -> bool:
-    """Whether `norm` normalises this forward with the batch's statistics (train mode, more than one value)."""
+def uses_batch_statistics(norm: nn.Module, values_per_channel: int) -> bool:
+    """Whether `norm` normalises this forward with the batch's statistics (train mode, more than one value).
+    A frozen BatchNorm (torchvision's FrozenBatchNorm2d and dynconv's 1-d one, which detection fine-tuning puts in
+    place of every BatchNorm) never does: it is its running statistics and affine parameters, fixed."""
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return False
     return (norm.training or not norm.track_running_stats) and values_per_channel > 1
 
 
-def batch_norm_affine(norm: nn.modules.batchnorm._BatchNorm, values: torch.Tensor | None = None
+def batch_norm_affine(norm: nn.Module, values: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), each (C,), such that `norm(values) == scale * values + shift` (channels on dim 1).
 
@@ -37,11 +41,12 @@ def batch_norm_affine(norm: nn.modules.batchnorm._BatchNorm, values: torch.Tenso
             _update_running_statistics(norm, mean.detach(), var.detach() * count / (count - 1))
     else:
         mean, var = norm.running_mean, norm.running_var
+    affine = getattr(norm, "affine", True)  # a frozen BatchNorm always has its weight and bias
     scale = torch.rsqrt(var + norm.eps)
-    if norm.affine:
+    if affine:
         scale = norm.weight * scale
     shift = -mean * scale
-    if norm.affine:
+    if affine:
         shift = shift + norm.bias
     return scale, shift
 
