@@ -9,6 +9,7 @@ that nothing reads are refused by dynconv/overrides.py.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -91,7 +92,26 @@ def _check_sections(cfg: DictConfig, *sections) -> None:
     tops = {section.path.split(".")[0] for section in sections}
     plain = _plain(cfg) if "" in tops else _plain(cfg, *tops)
     for section in sections:
-        check_section(plain, section, ConfigError)
+        try:
+            check_section(plain, section, ConfigError)
+        except ConfigError as error:
+            raise ConfigError(_with_interpolation_source(cfg, str(error))) from None
+
+
+def _with_interpolation_source(cfg: DictConfig, message: str) -> str:
+    """A bad value a key takes from another one (`backbone.zero_init_last: ${oc.select:recipe.zero_init_last,true}`,
+    `backbone.output_stride` from `task.output_stride`) is named where the user set it too."""
+    found = re.match(r"([A-Za-z_][\w.]*)=", message)
+    if not found:
+        return message
+    parent, _, key = found.group(1).rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+    if not isinstance(node, DictConfig) or key not in node or not OmegaConf.is_interpolation(node, key):
+        return message
+    source = re.search(r"\$\{(?:oc\.select:)?([A-Za-z_][\w.]*)", str(node._get_node(key)._value()))
+    if not source:
+        return message
+    return f"{message} (the value of {source.group(1)}, which {found.group(1)} follows: set {source.group(1)})"
 
 
 def _meta_build(cfg: DictConfig):
@@ -126,6 +146,7 @@ def _meta_build(cfg: DictConfig):
                                    image_size=int(OmegaConf.select(cfg, "data.image_size", default=224)))
     except OperatorConfigError as error:
         raise ConfigError(str(error)) from None
+    _check_clip_backbone(cfg, built.backbone, TASKS.get(cfg.task.name))
     try:
         TASKS.get(cfg.task.name).validate_config(cfg.task, built.backbone)
     except ValueError as error:
@@ -134,6 +155,18 @@ def _meta_build(cfg: DictConfig):
             message = f"task={cfg.task.name} does not fit backbone={cfg.backbone.name}: {message}"
         raise ConfigError(message) from None
     return built
+
+
+def _check_clip_backbone(cfg: DictConfig, backbone, task_class) -> None:
+    """A video backbone (R3D, TSM: clips in, docs/video.md) fits task=video only: under an image task it would
+    fail at its first step (a clip shape), or have no feature maps for a detector."""
+    from dynconv.tasks import TASKS
+
+    if getattr(backbone, "takes_clips", False) and task_class.data_kind != "video":
+        video_tasks = " or ".join(f"task={name}" for name, task in TASKS.items() if task.data_kind == "video")
+        raise ConfigError(f"backbone={cfg.backbone.name} takes video clips (batch, channels, frames, height, width) "
+                          f"and fits {video_tasks} only, not task={cfg.task.name}; allowed backbones for "
+                          f"task={cfg.task.name}: the image backbones (e.g. resnet18, resnet50)")
 
 
 def validate_model_config(cfg: DictConfig) -> None:
@@ -152,7 +185,9 @@ def _meta_forward(model, side: int) -> str | None:
     model.eval()
     try:
         with torch.no_grad(), selector.policy("model"):
-            model(torch.empty(1, 3, side, side, device="meta"))
+            # An image, or a clip of the backbone's usual length for a video backbone.
+            example = getattr(model, "example_input", None)
+            model(example(1, side, device="meta") if example else torch.empty(1, 3, side, side, device="meta"))
     except Exception as error:
         return (str(error).strip().splitlines() or [type(error).__name__])[0]
     return None
@@ -284,7 +319,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     built = _meta_build(cfg)
     validate_recipe_config(cfg)
     validate_data_config(cfg)
-    if _get(cfg, "task.name") == "classification":
+    if _get(cfg, "task.name") in ("classification", "video"):  # the backbone's input is the image (a clip's frames)
         _check_input_size(cfg, built)
     _check_training_transforms(cfg)
     _check_batches(cfg)

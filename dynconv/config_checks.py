@@ -21,7 +21,7 @@ from dynconv.knobs import Knobs, is_int, is_number
 
 Rule = Callable[[Knobs, str], Any]
 
-SCHEDULES = ("cosine", "step", "multistep", "linear", "none")
+SCHEDULES = ("cosine", "step", "multistep", "linear", "poly", "none")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
@@ -37,8 +37,14 @@ MAX_SIDE = 8192
 MIN_DETECTION_SIDE = 32
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 32 bits; torch adds the epoch to the seed
 MAX_TIMEOUT_S = 1e9  # ~31 years, i.e. no timeout; a larger value overflows the timedelta torch is given
+# Segmentation's random scale: at most this factor. A typo such as 20 would scale a 2048x1024 Cityscapes image to
+# gigabytes; the papers' recipes scale by at most 2.
+MAX_SCALE = 4.0
 # Datasets whose class count is fixed (embedded or a fixed release); the others count their class folders.
-FIXED_CLASS_COUNTS = {"digits": 10, "cifar100": 100}
+FIXED_CLASS_COUNTS = {"digits": 10, "cifar100": 100, "voc": 21, "cityscapes": 19, "toy_seg": 4, "toy_video": 4}
+# Frames per video clip: a typo such as 1600 would decode (and hold) minutes of video per sample; the papers use 8-16.
+MAX_FRAMES = 512
+VIDEO_SAMPLINGS = ("dense", "segments")  # dynconv/tasks/video/sampling.py
 
 
 def rule(method: str, *args: Any, **kwargs: Any) -> Rule:
@@ -153,6 +159,22 @@ def num_classes(knobs: Knobs, key: str) -> None:
     knobs.integer(key, 2, nullable=True)
 
 
+def crop_size(knobs: Knobs, key: str) -> None:
+    """A segmentation training crop: one side (a square) or [height, width], each in [1, MAX_SIDE]."""
+    value = knobs.get(key)
+    sides = [value] if is_int(value) else list(value) if isinstance(value, (list, tuple)) and len(value) == 2 else None
+    if sides is None or not all(is_int(side) and 1 <= side <= MAX_SIDE for side in sides):
+        raise knobs.fail(key, value, f"an integer in [1, {MAX_SIDE}] (a square) or [height, width] of such integers")
+
+
+def video_resize(knobs: Knobs, key: str) -> None:
+    """The frames' short side before cropping: at least the crop (data.image_size), which evaluation takes from the
+    centre of it."""
+    crop = knobs.get("image_size")
+    low = crop if is_int(crop) and 1 <= crop <= MAX_SIDE else 1
+    knobs.integer(key, low, high=MAX_SIDE)
+
+
 def max_size(knobs: Knobs, key: str) -> None:
     """The cap on the long side must leave room for every short side the model resizes to."""
     shorts = [knobs.get("test_size"), *(knobs.get("train_sizes") or [])]
@@ -192,7 +214,7 @@ RECIPE: dict[str, Rule] = {
     "min_lr": NON_NEGATIVE,
     "decay_epochs": rule("number", 0.0),
     "decay_milestones": rule("numbers", low=0.0, ascending=True, empty=True),
-    "decay_rate": rule("number_in", 0.0, 1.0, low_open=True),
+    "decay_rate": rule("number_in", 0.0, 1.0, low_open=True),  # step/multistep: lr factor; poly: the power
     "smoothing": rule("number_in", 0.0, 1.0, high_open=True),
     "clip_grad": rule("number", 0.0, nullable=True),
     "amp": rule("choice", AMP_MODES),
@@ -249,6 +271,22 @@ DATA: dict[str, Rule] = {
     "test_size": rule("integer", MIN_DETECTION_SIDE, high=MAX_SIDE),
     "max_size": max_size,  # after test_size and train_sizes, which it is compared with
     "hflip": PROBABILITY,
+    # Segmentation (docs/segmentation.md): the training crop and random scale, the evaluation size, VOC's lists.
+    "crop_size": crop_size,
+    "scale_range": rule("pair", 0.0, MAX_SCALE),
+    "val_size": rule("integer", 1, high=MAX_SIDE, nullable=True),
+    "train_list": optional_text,
+    "train_mask_dir": rule("text"),
+    # Video (docs/video.md; train_list above is also the training clip list): the lists and classes file, frames per
+    # clip and how they are sampled, the frames' short side and the training crops.
+    "val_list": optional_text,
+    "classes": optional_text,
+    "clips_dir": optional_text,
+    "num_frames": rule("integer", 1, high=MAX_FRAMES),
+    "sampling": rule("choice", VIDEO_SAMPLINGS),
+    "frame_stride": POSITIVE_INT,
+    "resize": video_resize,  # after image_size, which it is compared with
+    "crop_scale": rule("pair", 0.0, 1.0),
 }
 # op.keep_static is every operator's; the other op keys are the operator's own.
 OP = {"keep_static": rule("strings", example="[layer1.*, fc]", nullable=True)}
@@ -272,6 +310,10 @@ BACKBONE = {
     "norm_layer": rule("choice", ("batchnorm", "groupnorm")),
     "norm_groups": rule("integer", 1),
     "stride_in_1x1": FLAG,
+    # Dilated last stages (docs/segmentation.md): the stride of the last feature map; 32 is the plain network.
+    "output_stride": rule("choice", (8, 16, 32)),
+    # TSM's temporal shift (docs/video.md): 1/shift_div of the channels move back in time, 1/shift_div forward.
+    "shift_div": rule("integer", 2),
     "default_resolution": rule("integer", 1, high=MAX_SIDE),
 }
 

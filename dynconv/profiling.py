@@ -1,6 +1,7 @@
 """Parameters and multiply-accumulates, counted the way the papers count them.
 
-MACs come from `torch.utils.flop_counter` (FLOPs / 2) over one image at the backbone's default resolution:
+MACs come from `torch.utils.flop_counter` (FLOPs / 2) over one image (a video backbone: one clip) at the backbone's
+default resolution:
 convolutions, matmuls and linear layers, i.e. the convolutions plus every attention or kernel-generation
 branch of a dynamic operator (norms, activations and pooling are not counted, as in the papers). Dynamic
 layers run under `selector.counting_macs()`, i.e. in the papers' formulation (mix the kernel, convolve once),
@@ -12,7 +13,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -59,8 +60,9 @@ class MacCount:
     by_module: dict[str, int]  # MACs per top-level child of the model (for a readable breakdown)
 
 
-def count_macs(model: nn.Module, input_size: tuple[int, int, int], depth: int = 3) -> MacCount:
-    """MACs for one image of `input_size` (C, H, W), in eval mode; broken down `depth` modules deep."""
+def count_macs(model: nn.Module, input_size: tuple[int, ...], depth: int = 3) -> MacCount:
+    """MACs for one image of `input_size` (C, H, W), or one clip of (C, T, H, W), in eval mode; broken down `depth`
+    modules deep. torch's counter counts conv3d as it counts conv2d (2 x MACs each)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -78,10 +80,13 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int], depth: int = 
     return MacCount(counter.get_total_flops() // 2, dict(by_module))
 
 
-def profile_backbone(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+def profile_backbone(cfg: Mapping[str, Any], *, frames: int | None = None,
+                     wrap: Callable[[nn.Module], nn.Module] | None = None) -> tuple[str, dict[str, Any]]:
     """scripts/profile.py for a classification backbone x op x attn at `profile.resolution` (default: the
     backbone's own): (readable text, the JSON record). `*_inference` counts are taken after
-    `fold_for_inference` (training-only reparameterisations such as Weight Excitation folded away)."""
+    `fold_for_inference` (training-only reparameterisations such as Weight Excitation folded away).
+    Video (`dynconv/tasks/video/task.py`): `frames` counts one clip of that many frames, and `wrap(backbone)` is
+    the model the task trains (a per-frame image backbone inside the frame average)."""
     from omegaconf import OmegaConf
 
     from dynconv.build import build_backbone
@@ -89,8 +94,8 @@ def profile_backbone(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     resolution = cfg.profile.resolution or cfg.backbone.default_resolution
     built = build_backbone(cfg.backbone, OmegaConf.to_container(cfg.op, resolve=True), cfg.attn,
                            num_classes=cfg.profile.num_classes, image_size=resolution)
-    model = built.backbone
-    input_size = (3, resolution, resolution)
+    model = built.backbone if wrap is None else wrap(built.backbone)
+    input_size = (3, resolution, resolution) if frames is None else (3, frames, resolution, resolution)
     params = count_params(model)
     folded = fold_for_inference(model)
     params_inference = count_params(folded)

@@ -97,7 +97,7 @@ REJECTED = [
     ("recipe.momentum", 1.0, "a number in [0.0, 1.0)"),
     ("recipe.momentum", -0.1, "a number in [0.0, 1.0)"),
     ("recipe.weight_decay", -1e-4, "finite numbers >= 0"),
-    ("recipe.sched", "poly", "cosine, step, multistep, linear, none"),
+    ("recipe.sched", "exponential", "cosine, step, multistep, linear, poly, none"),
     ("recipe.warmup_epochs", -1, "finite numbers >= 0"),
     ("recipe.warmup_lr", -0.1, "finite numbers >= 0"),
     ("recipe.min_lr", "0", "finite numbers >= 0"),

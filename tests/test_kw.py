@@ -77,7 +77,7 @@ def reference_conv(layer: KWConv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def standalone_conv(in_channels, out_channels, kernel_size, *, stride=1, groups=1, budget="1", omni=False,
-                    basis=1.0, bias=False, shapes_extra=()):
+                    basis=1.0, bias=False, shapes_extra=(), dilation=1):
     """One KWConv2d sharing a warehouse with `shapes_extra` other kernels (so n > m), in float64."""
     torch.manual_seed(0)
     shapes = [KernelShape("layer", out_channels, in_channels // groups, (kernel_size, kernel_size)), *shapes_extra]
@@ -91,8 +91,8 @@ def standalone_conv(in_channels, out_channels, kernel_size, *, stride=1, groups=
                             reduction=0.0625, norm="batch", function="caf", beta=beta, schedule=lambda e: 0.5,
                             fixed_tau=0.3, nonlocal_basis_ratio=basis,
                             omni=(in_channels, out_channels, kernel_size * kernel_size) if omni else None)
-    layer = KWConv2d(in_channels, out_channels, (kernel_size, kernel_size), stride, kernel_size // 2, 1, groups, bias,
-                     partition=cells, attention=attention)
+    layer = KWConv2d(in_channels, out_channels, (kernel_size, kernel_size), stride, dilation * (kernel_size // 2),
+                     dilation, groups, bias, partition=cells, attention=attention)
     warehouse = Warehouse("w", spec.cells, spec.cell_shape)
     layer.warehouse_module = warehouse  # keep it alive and moved with the layer in this test
     link_warehouse(layer, warehouse)
@@ -110,6 +110,10 @@ CONV_CASES = {
                               shapes_extra=(KernelShape("other", 4, 8, (1, 1)),)),
     "grouped": dict(in_channels=8, out_channels=8, kernel_size=3, groups=2),
     "depthwise": dict(in_channels=8, out_channels=8, kernel_size=3, groups=8),
+    # The dilated last stages of segmentation backbones (output stride 8: dilation 2 and 4).
+    "3x3-dilation2": dict(in_channels=8, out_channels=8, kernel_size=3, dilation=2),
+    "3x3-dilation4-kw-star": dict(in_channels=8, out_channels=16, kernel_size=3, dilation=4, omni=True),
+    "depthwise-dilation2": dict(in_channels=8, out_channels=8, kernel_size=3, groups=8, dilation=2),
     "half-budget": dict(in_channels=8, out_channels=8, kernel_size=3, budget="1/2"),
     "kw-star": dict(in_channels=8, out_channels=16, kernel_size=3, omni=True, bias=True),
     "nonlocal-basis": dict(in_channels=8, out_channels=8, kernel_size=3, basis=0.0625,

@@ -11,6 +11,7 @@ from op_checks import load_op_config
 from torch.nn.utils import parametrize
 
 from dynconv.backbones import BACKBONES, Backbone
+from dynconv.backbones.video import VIDEO_BACKBONES
 from dynconv.build import build_backbone
 from dynconv.ops import OPERATORS
 from dynconv.ops.condconv import CondConv2d
@@ -46,8 +47,12 @@ HEAVY = {"resnext29_16x64d"}
 DEEP_OPS = {"resnet152": {"static", "kw", "condconv", "lwe"}, "wide_resnet50_2": {"static", "kw", "condconv", "lwe"}}
 
 
+# Backbones that take video clips, not images: tests/test_video_backbones.py trains and converts them.
+IMAGE_BACKBONES = [name for name in BACKBONES.names() if name not in VIDEO_BACKBONES]
+
+
 def _matrix() -> list:
-    return [pytest.param(name, op) for name in BACKBONES.names() if name not in HEAVY for op in sorted(OPS)
+    return [pytest.param(name, op) for name in IMAGE_BACKBONES if name not in HEAVY for op in sorted(OPS)
             if op in DEEP_OPS.get(name, OPS)]
 
 
@@ -113,7 +118,7 @@ def test_one_training_step(name, op):
         assert moved, "no converted layer's parameters changed"
 
 
-@pytest.mark.parametrize("name", BACKBONES.names())
+@pytest.mark.parametrize("name", IMAGE_BACKBONES)
 def test_forward_features_channels_and_strides(name):
     """forward_features returns C2..C5 (DeiT: one map) whose channels and strides match what the backbone declares.
 

@@ -54,10 +54,12 @@ class PlaceRule:
 
 
 def infer_role(module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d):
+    """`auto` roles: depthwise for groups == channels, pointwise for a 1 x 1 (x 1) kernel, conv otherwise; the same
+    for a 2-D and a 3-D convolution (R3D's 1 x 1 x 1 shortcut projections are pointwise)."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
         if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
             return "depthwise"
-        return "pointwise" if tuple(module.kernel_size) == (1, 1) else "conv"
+        return "pointwise" if all(k == 1 for k in module.kernel_size) else "conv"
     return "pointwise"
 
 
@@ -83,6 +85,8 @@ class Backbone(nn.Module):
         rules: list[PlaceRule] | None = None,
         default_resolution: int = 224,
         dynet_reduction: float | None = None,
+        output_stride: int = 32,
+        clip_length: int | None = None,
     ):
         """`family` names the network family (FAMILY_RULES, attention sites, KernelWarehouse layouts); `rules`
         replaces the family's placement rules where the network's configuration decides them (VGG's layer
@@ -98,6 +102,12 @@ class Backbone(nn.Module):
         self.feature_strides = feature_strides
         self.default_resolution = default_resolution
         self.dynet_reduction = dynet_reduction
+        # The real stride of the last feature map: 32, or 8 / 16 when the last stages are dilated
+        # (`backbone.output_stride`); `feature_strides` stay the nominal ones that name the levels.
+        self.output_stride = output_stride
+        # Video backbones (R3D, TSM: docs/video.md) take clips (B, C, T, H, W); this is their usual T, the clip
+        # length of MACs and of the meta-device checks (the data decides T in training). None: images (B, C, H, W).
+        self.clip_length = clip_length
         # Modules an operator shares between layers, registered here once (counted, saved, moved and
         # synchronised like any other; empty ModuleDicts add no state): block/stage input summaries
         # (`dynconv.layers.shared_input`) and KernelWarehouse's warehouses.
@@ -106,6 +116,18 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    @property
+    def takes_clips(self) -> bool:
+        """Whether the input is a video clip (B, C, T, H, W) rather than an image batch."""
+        return self.clip_length is not None
+
+    def example_input(self, batch: int, side: int, *, frames: int | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+        """Zeros of this backbone's input kind: images (batch, 3, side, side), or clips (batch, 3, T, side, side)
+        with T = `frames` (default: `clip_length`)."""
+        shape = (batch, 3, side, side) if not self.takes_clips else (batch, 3, frames or self.clip_length, side, side)
+        return torch.zeros(shape, device=device)
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feature maps keyed "C2".."C5" by log2 of their stride (the FPN naming)."""

@@ -24,10 +24,16 @@ from dynconv.backbones.dynet_shuffle import build_dy_shuffle
 SHUFFLENETV2_WIDTHS = {"x1_0": [24, 116, 232, 464, 1024], "x1_5": [24, 176, 352, 704, 1024]}
 
 
-def _register(name: str, make) -> None:
-    def build(num_classes: int = 1000, image_size: int = 224, drop_rate=None, drop_path_rate=None) -> Backbone:
+def _register(name: str, make, knobs: tuple[str, ...] = ()) -> None:
+    """`knobs`: the backbone family knobs the network takes (Dy-ResNet: output_stride)."""
+    def build(num_classes: int = 1000, image_size: int = 224, drop_rate=None, drop_path_rate=None,
+              **family) -> Backbone:
+        unknown = sorted(set(family) - set(knobs))
+        if unknown:
+            raise TypeError(f"backbone {name} has no knob backbone.{unknown[0]} (its knobs: "
+                            f"{', '.join(knobs) or 'none'})")
         return make(name, num_classes=num_classes, image_size=image_size, drop_rate=drop_rate,
-                    drop_path_rate=drop_path_rate)
+                    drop_path_rate=drop_path_rate, **family)
 
     BACKBONES.register(name)(build)
 
@@ -42,5 +48,5 @@ def _ignore_size(builder, **bound):
 _register("dynet_mobile", _ignore_size(build_dy_mobile))
 for _width, _widths in SHUFFLENETV2_WIDTHS.items():
     _register(f"dynet_shuffle_{_width}", _ignore_size(build_dy_shuffle, widths=_widths))
-_register("dynet_resnet18", functools.partial(build_dy_resnet, timm_name="resnet18"))
-_register("dynet_resnet50", functools.partial(build_dy_resnet, timm_name="resnet50"))
+_register("dynet_resnet18", functools.partial(build_dy_resnet, timm_name="resnet18"), ("output_stride",))
+_register("dynet_resnet50", functools.partial(build_dy_resnet, timm_name="resnet50"), ("output_stride",))

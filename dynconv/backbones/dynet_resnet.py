@@ -26,8 +26,9 @@ HALF_CHANNELS = (32, 64, 128, 256)  # ResNet's (64, 128, 256, 512) halved
 
 
 def build_dy_resnet(name: str, timm_name: str, num_classes: int = 1000, image_size: int = 224, drop_rate=None,
-                    drop_path_rate=None) -> Backbone:
+                    drop_path_rate=None, output_stride: int | None = None) -> Backbone:
+    """`output_stride` 8 dilates layer3 and layer4 (DyNet Table 3's dilated FCN on Dy-ResNet50)."""
     # dynet_reduction: two linear layers, C_in/4 hidden (Sec. 3.3).
     return timm_backbone(name, timm_name, "resnet", num_classes=num_classes, image_size=image_size,
                          channels=HALF_CHANNELS, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         dynet_reduction=0.25)
+                         dynet_reduction=0.25, output_stride=output_stride)

@@ -17,6 +17,10 @@ Initialisation knobs (docs/initialisation.md), each in the configs of the backbo
   networks of the ODConv and KernelWarehouse releases do (except KernelWarehouse's `kw_resnet.py`, which keeps
   nn.Linear's default).
 
+Dilation (`output_stride`: 8 | 16 | 32; ResNet family, MobileNetV2, ConvNeXt; timm's MobileNetV3 has no such argument): timm's own argument, which
+replaces the strides of the last stages by dilation (DeepLabV3's and the dilated FCN's backbones, docs/segmentation.md).
+The features keep their level names (C4, C5) at their nominal strides, `Backbone.output_stride` holds the real one.
+
 Architecture variants (ResNet family; `resnet_variants.py`, docs/training.md), passed the same way:
 
 - `norm_layer` (`batchnorm` | `groupnorm`) and `norm_groups` (32): GroupNorm(32, C) in place of every
@@ -43,6 +47,7 @@ from dynconv.knobs import Knobs
 
 DROP_PATH_SCHEDULES = ("linear", "constant")
 CLASSIFIER_INITS = ("library", "normal")
+OUTPUT_STRIDES = (8, 16, 32)
 
 # torchvision's ResNet naming, which timm keeps: conv1 / layerS.B.convK / layerS.B.downsample.0 / fc.
 RESNET_RULES = [
@@ -83,34 +88,53 @@ DEIT_RULES = [
 ]
 
 
-def _feature_indices(net: nn.Module) -> list[int]:
-    """The last feature of every distinct stride >= 4 (one map per FPN level; ViT: its last block)."""
-    info = net.feature_info
+def nominal_reductions(reductions: list[int], output_stride: int | None) -> list[int]:
+    """The stride each feature would have without dilation. A dilated network (timm's `output_stride` 8 or 16)
+    stops downsampling at `output_stride`: its later stages report that same reduction, so the stages keep
+    their level (C4, C5) by doubling the stride where a stage would have downsampled."""
+    if not output_stride or output_stride == 32:
+        return list(reductions)
+    nominal: list[int] = []
+    for index, reduction in enumerate(reductions):
+        capped = index > 0 and reduction == output_stride and reductions[index - 1] == output_stride
+        nominal.append(nominal[-1] * 2 if capped else reduction)
+    return nominal
+
+
+def _feature_indices(net: nn.Module, output_stride: int | None = None) -> list[int]:
+    """The last feature of every distinct (nominal) stride >= 4 (one map per FPN level; ViT: its last block)."""
+    reductions = nominal_reductions([entry["reduction"] for entry in net.feature_info], output_stride)
     last_of_stride: dict[int, int] = {}
-    for index, entry in enumerate(info):
-        if entry["reduction"] >= 4:
-            last_of_stride[entry["reduction"]] = index
+    for index, reduction in enumerate(reductions):
+        if reduction >= 4:
+            last_of_stride[reduction] = index
     return [last_of_stride[stride] for stride in sorted(last_of_stride)]
 
 
 def timm_backbone(name: str, timm_name: str | Callable[..., nn.Module], family: str, *, num_classes: int,
                   image_size: int, vit: bool = False, dynet_reduction: float | None = None,
                   drop_path_schedule: str = "linear", classifier_init: str = "library", norm_layer: str = "batchnorm",
-                  norm_groups: int = 32, stride_in_1x1: bool = False, **kw):
+                  norm_groups: int = 32, stride_in_1x1: bool = False, output_stride: int | None = None, **kw):
     """`kw` goes to `timm.create_model` (None values left out: timm's defaults), `zero_init_last` included.
-    `timm_name` is a timm model name, or a function that builds the network with create_model's arguments."""
+    `timm_name` is a timm model name, or a function that builds the network with create_model's arguments.
+    `output_stride` 8 or 16 dilates the last stages (timm's argument; DeepLabV3, dilated FCN); 32 or None: none."""
     knobs = Knobs({"drop_path_schedule": drop_path_schedule, "classifier_init": classifier_init,
-                   "norm_layer": norm_layer, "norm_groups": norm_groups, "stride_in_1x1": stride_in_1x1, **kw},
+                   "norm_layer": norm_layer, "norm_groups": norm_groups, "stride_in_1x1": stride_in_1x1,
+                   "output_stride": output_stride, **kw},
                   "backbone")
     knobs.choice("drop_path_schedule", DROP_PATH_SCHEDULES)
     knobs.choice("classifier_init", CLASSIFIER_INITS)
     knobs.choice("norm_layer", NORM_LAYERS)
     knobs.integer("norm_groups")
     knobs.flag("stride_in_1x1")
+    if output_stride is not None:
+        knobs.choice("output_stride", OUTPUT_STRIDES)
     if kw.get("zero_init_last") is not None:
         knobs.flag("zero_init_last")
     kwargs = {k: v for k, v in kw.items() if v is not None}
     kwargs.update(norm_layer_argument(norm_layer, norm_groups))
+    if output_stride not in (None, 32):
+        kwargs["output_stride"] = int(output_stride)
     constant_drop_path = kwargs.pop("drop_path_rate", 0.0) if drop_path_schedule == "constant" else 0.0
     if vit:
         # The position embedding is sized for the training resolution; timm interpolates it when
@@ -126,8 +150,9 @@ def timm_backbone(name: str, timm_name: str | Callable[..., nn.Module], family: 
         set_constant_drop_path(net, constant_drop_path)
     if classifier_init == "normal":
         normal_classifier_(net)
-    indices = _feature_indices(net)
+    indices = _feature_indices(net, output_stride)
     info = net.feature_info
+    strides = nominal_reductions([entry["reduction"] for entry in info], output_stride)
 
     def features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         return model.forward_intermediates(x, indices=indices, intermediates_only=True)
@@ -137,9 +162,10 @@ def timm_backbone(name: str, timm_name: str | Callable[..., nn.Module], family: 
         net,
         features,
         feature_channels=[info[i]["num_chs"] for i in indices],
-        feature_strides=[info[i]["reduction"] for i in indices],
+        feature_strides=[strides[i] for i in indices],
         family=family,
         dynet_reduction=dynet_reduction,
+        output_stride=int(output_stride or 32),
     )
 
 
@@ -169,8 +195,9 @@ def normal_classifier_(net: nn.Module) -> None:
 # architecture variants; build.py passes the ones the backbone's config sets.
 FAMILY_KNOBS = {
     "resnet": {"zero_init_last": None, "drop_path_schedule": "linear", "classifier_init": "library",
-               "norm_layer": "batchnorm", "norm_groups": 32, "stride_in_1x1": False},
-    "mobilenetv2": {"classifier_init": "library"},
+               "norm_layer": "batchnorm", "norm_groups": 32, "stride_in_1x1": False, "output_stride": None},
+    "mobilenetv2": {"classifier_init": "library", "output_stride": None},
+    "convnext": {"output_stride": None},
 }
 
 

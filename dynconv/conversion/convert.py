@@ -16,11 +16,15 @@ from dynconv.conversion.layer import Decision, LayerInfo
 from dynconv.conversion.operator import Operator
 
 
+# The layers an operator may replace: 2-D and 3-D convolutions (video backbones) and Linear layers.
+CONVERTIBLE = (nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
 def describe_layers(backbone: Backbone) -> list[LayerInfo]:
-    """Every nn.Conv2d / nn.Linear of the backbone, in registration order, with its place."""
+    """Every nn.Conv2d / nn.Conv3d / nn.Linear of the backbone, in registration order, with its place."""
     layers = []
     for name, module in backbone.net.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, CONVERTIBLE):
             place = backbone.place(name, module)
             layers.append(LayerInfo(name, module, place.role, place.stage, place.block, len(layers)))
     return layers
@@ -30,9 +34,12 @@ def convert(backbone: Backbone, operator: Operator) -> list[Decision]:
     """Replace, in place, every layer the operator accepts; return one decision per layer."""
     decisions = []
     layers = describe_layers(backbone)
-    operator.prepare(backbone, layers)
+    # A layer of a kind the operator cannot build (a Conv3d for a 2-D operator) is decided first and left out of
+    # its plan, so no cross-layer plan (KernelWarehouse's warehouses, DyNet's widths) ever meets a 3-D kernel.
+    unsupported = {layer.name: operator.unsupported(layer) for layer in layers}
+    operator.prepare(backbone, [layer for layer in layers if unsupported[layer.name] is None])
     for layer in layers:
-        reason = operator.refuse(layer)
+        reason = unsupported[layer.name] or operator.refuse(layer)
         if reason is None:
             parent_name, _, child = layer.name.rpartition(".")
             parent = backbone.net.get_submodule(parent_name) if parent_name else backbone.net

@@ -1,7 +1,9 @@
 """What an operator sees of a layer: its shape and its place in the backbone, and what it decided.
 
-The conversion pass (`dynconv.conversion.convert`) describes each `nn.Conv2d` / `nn.Linear` of a backbone as a
-`LayerInfo` and records one `Decision` per layer (converted, or static with the reason).
+The conversion pass (`dynconv.conversion.convert`) describes each `nn.Conv2d` / `nn.Conv3d` / `nn.Linear` of a
+backbone as a `LayerInfo` and records one `Decision` per layer (converted, or static with the reason). 3-D
+convolutions come from video backbones (R3D, docs/video.md); only operators that say so act on them
+(`Operator.supports_conv3d`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class LayerInfo:
     """A convertible layer: its module, its shape and its place in the backbone."""
 
     name: str  # qualified module name, e.g. "layer2.0.conv1"
-    module: nn.Module  # the original nn.Conv2d / nn.Linear
+    module: nn.Module  # the original nn.Conv2d / nn.Conv3d / nn.Linear
     role: str  # one of ROLES
     stage: int  # stage index (0 = stem), as the backbone family defines stages
     block: str | None  # qualified name of the block that holds the layer (shared routing, GAP sharing)
@@ -38,7 +40,13 @@ class LayerInfo:
 
     @property
     def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv2d)
+        """A 2-D or 3-D convolution (`is_conv3d` tells them apart)."""
+        return isinstance(self.module, (nn.Conv2d, nn.Conv3d))
+
+    @property
+    def is_conv3d(self) -> bool:
+        """A 3-D (t x h x w) convolution of a video backbone; torchvision's Conv3DSimple is one too."""
+        return isinstance(self.module, nn.Conv3d)
 
     @property
     def is_linear(self) -> bool:
@@ -57,7 +65,8 @@ class LayerInfo:
         return self.module.groups if self.is_conv else 1
 
     @property
-    def kernel_size(self) -> tuple[int, int]:
+    def kernel_size(self) -> tuple[int, ...]:
+        """(kh, kw) of a 2-D convolution, (kt, kh, kw) of a 3-D one; (1, 1) for a Linear."""
         return tuple(self.module.kernel_size) if self.is_conv else (1, 1)
 
     @property
@@ -68,7 +77,10 @@ class LayerInfo:
         if self.is_conv:
             m = self.module
             k = "x".join(map(str, m.kernel_size))
-            return f"Conv2d({m.in_channels}->{m.out_channels}, k={k}, s={m.stride[0]}, g={m.groups})"
+            # One number for a uniform stride (the usual case); every axis where they differ (R3D's (1, 2, 2) stem).
+            s = str(m.stride[0]) if len(set(m.stride)) == 1 else "x".join(map(str, m.stride))
+            kind = "Conv3d" if self.is_conv3d else "Conv2d"
+            return f"{kind}({m.in_channels}->{m.out_channels}, k={k}, s={s}, g={m.groups})"
         return f"Linear({self.in_channels}->{self.out_channels})"
 
 

@@ -3,6 +3,12 @@
 The conversion pass asks the configured `Operator` whether it takes each layer (`refuse`), lets it plan across
 layers first (`prepare`), builds the replacements (`build`) and lets it link layers afterwards (`finalize`).
 An operator may refuse a layer with a reason; refused layers stay static and the reason is reported.
+
+3-D convolutions (video backbones such as R3D) reach only the operators that set `supports_conv3d`: those whose
+layer code does not depend on the number of kernel dimensions (Weight Excitation and the weight reparameterisations
+keep the layer and change its weight; "Avg" over t x h x w, WE Sec. 3.2). Every other operator builds 2-D layers
+(kernel banks of (kh, kw) kernels, 2-D per-sample convolutions) and gets a 3-D convolution refused before it plans
+or builds anything (`unsupported`), so it never sees one.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class Operator:
 
     name = "base"
     supports_linear = False
+    supports_conv3d = False  # whether build() can take an nn.Conv3d (a dimension-generic layer); see the module doc
     # Roles kept static unless an operator says otherwise (the papers keep the stem static; the
     # classifier and the backbone's own SE branches are not what a dynamic convolution replaces).
     static_roles: frozenset[str] = frozenset({"stem", "se", "classifier"})
@@ -39,6 +46,15 @@ class Operator:
         self.cfg = dict(cfg)
         self.keep_static = tuple(self.cfg.get("keep_static") or ())
         self.knobs = Knobs(self.cfg, "op", owner=f"op={self.name}", error=OperatorConfigError)
+
+    def unsupported(self, layer: LayerInfo) -> str | None:
+        """Why this operator cannot act on `layer` at all, whatever its place: a 3-D convolution, for an operator
+        whose layers are 2-D. The conversion pass asks this first and leaves such layers out of `prepare`."""
+        if layer.is_conv3d and not self.supports_conv3d:
+            takers = ", ".join(name for name, cls in OPERATORS.items() if cls.supports_conv3d and name != "static")
+            return (f"{self.name} builds 2-D layers ((kh, kw) kernels, a 2-D per-sample convolution): this Conv3d "
+                    f"stays static (operators that act on Conv3d: {takers})")
+        return None
 
     def refuse(self, layer: LayerInfo) -> str | None:
         """Return why `layer` stays static, or None to convert it."""

@@ -65,9 +65,9 @@ class _CheckedIterator:
         paths = batch[2]
         if paths and loader.strict:
             raise UnreadableImageError(
-                f"corrupt or unreadable image file {paths[0]}{_reason(paths[0])} (in {loader.source}); replace "
-                "the file, or set data.strict=false to skip undecodable images (they are counted and named in a "
-                "warning)")
+                f"corrupt or unreadable {loader.item} {paths[0]}{_reason(paths[0])} (in {loader.source}); replace "
+                f"the file, or set data.strict=false to skip undecodable {loader.noun}s (they are counted and named "
+                "in a warning)")
         self._skipped += paths
         self._readable += 0 if batch[0] is None else len(batch[0])
         return batch
@@ -77,12 +77,12 @@ class _CheckedIterator:
         loader.last_skipped = skipped
         if skipped and self._readable == 0:
             raise DataError(
-                f"every image read from {loader.source} was undecodable ({len(skipped)} file(s), e.g. "
+                f"every {loader.noun} read from {loader.source} was undecodable ({len(skipped)} file(s), e.g. "
                 f"{skipped[0]}{_reason(skipped[0])}): nothing is left to use; replace those files "
                 "(data.strict=false skips single bad files, not a whole split)")
         if skipped and loader.warn_skipped:
             shown = ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-            log.warning("skipped %d undecodable image(s) of %s (data.strict=false): %s", len(skipped),
+            log.warning("skipped %d undecodable %s(s) of %s (data.strict=false): %s", len(skipped), loader.noun,
                         loader.source, shown)
 
 
@@ -91,12 +91,16 @@ class CheckedDataLoader(DataLoader):
 
     `strict`: stop at the first skipped path. `source`: what the loader reads, for the messages ("the val
     split /data/val"). `warn_skipped`: log the skipped paths after each complete pass. `last_skipped`: the
-    paths skipped in the last complete pass.
+    paths skipped in the last complete pass. `noun`: what one sample is, for the messages ("image", "video clip");
+    `item`: what one skipped path is (default "<noun> file").
     """
 
-    def __init__(self, dataset: Any, *, strict: bool, source: str, warn_skipped: bool, **kwargs: Any) -> None:
+    def __init__(self, dataset: Any, *, strict: bool, source: str, warn_skipped: bool, noun: str = "image",
+                 item: str | None = None, **kwargs: Any) -> None:
         self.strict = bool(strict)
         self.source = source
+        self.noun = noun
+        self.item = item or f"{noun} file"
         self.warn_skipped = bool(warn_skipped)
         self.last_skipped: list[str] = []
         super().__init__(dataset, **kwargs)

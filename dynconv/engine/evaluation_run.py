@@ -17,10 +17,15 @@ from dynconv.profiling import count_macs, count_params, fold_for_inference
 
 def _merge_overrides(stored: dict[str, Any], cfg: DictConfig) -> DictConfig:
     run_cfg = OmegaConf.create(stored)
-    for section in ("data", "recipe"):
-        for key, value in cfg[section].items():
-            if value is not None:
-                OmegaConf.update(run_cfg, f"{section}.{key}", value, force_add=True)
+    for section in ("data", "recipe", "task"):
+        for key, value in (cfg.get(section) or {}).items():
+            if value is None:
+                continue
+            if section == "task" and key not in run_cfg.task:
+                # Evaluation settings of one task (segmentation's sliding windows): not a key this run's task has.
+                raise ConfigError(f"task.{key}={value} does not apply to this checkpoint's task={run_cfg.task.name} "
+                                  f"(it has no task.{key}); allowed values: null")
+            OmegaConf.update(run_cfg, f"{section}.{key}", value, force_add=True)
     return run_cfg
 
 
@@ -77,17 +82,18 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
                                                  loaded.task, loaded.model)
     metrics = task.evaluate(model, data.val_loader, dist.device, contextlib.nullcontext)
 
-    # Detection: the test scale (the model resizes every image to it); classification: the training size.
-    size = int(run_cfg.data.get("test_size") or run_cfg.data.image_size)
+    # Detection: the test scale (the model resizes every image to it); classification: the training size; video:
+    # a clip of data.num_frames frames (the task says).
+    input_size = task.input_size(run_cfg.data)
     folded = fold_for_inference(model)
     return {
         **{key: metrics.get(key) for key in task.result_keys()},
         "samples": metrics.get("samples"),
         "params": count_params(model),
         "params_inference": count_params(folded),
-        "macs": count_macs(model, (3, size, size)).total,
-        "macs_inference": count_macs(folded, (3, size, size)).total,
-        "input_size": [3, size, size],
+        "macs": count_macs(model, input_size).total,
+        "macs_inference": count_macs(folded, input_size).total,
+        "input_size": list(input_size),
         "checkpoint": str(cfg.checkpoint),
         "weights": cfg.weights,
         "epoch": payload.get("epoch"),

@@ -254,7 +254,9 @@ class Trainer:
 
     def _prepare(self, batch, device):
         inputs, targets = self.task.prepare_batch(batch, device, training=True)
-        if self.channels_last and isinstance(inputs, torch.Tensor):
+        # Images only: channels_last is a 4-D layout; a video clip (5-D) keeps its own and the model lays out its
+        # frames (the weights of 2-D layers are channels_last already).
+        if self.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs, targets
 

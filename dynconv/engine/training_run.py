@@ -100,7 +100,8 @@ def build_optimizer_and_scheduler(model, recipe, updates_per_epoch: int):
     sched = recipe.sched
     if sched == "none":
         return optimizer, None
-    # timm calls linear decay "poly" with power 1 (decay_rate is the power there).
+    # timm's "poly" (PolyLRScheduler) takes its power as decay_rate: linear decay is power 1, and sched=poly is the
+    # segmentation papers' lr x (1 - t/T)^power with recipe.decay_rate as the power (DeepLab's 0.9, Chen et al. 2017).
     timm_sched, decay_rate = ("poly", 1.0) if sched == "linear" else (sched, recipe.decay_rate)
     scheduler, _ = create_scheduler_v2(
         optimizer,

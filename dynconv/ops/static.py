@@ -10,6 +10,7 @@ from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
 @OPERATORS.register("static")
 class StaticOperator(Operator):
     name = "static"
+    supports_conv3d = True  # it keeps every layer, 3-D ones too, with its own reason
 
     def refuse(self, layer: LayerInfo) -> str | None:
         return "op=static keeps every layer"

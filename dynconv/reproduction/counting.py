@@ -76,12 +76,29 @@ def warehouse_sizes(model: torch.nn.Module) -> tuple[list[int], list[int]]:
     return list(mixtures.values()), [cells[key] for key in mixtures]
 
 
+def count_segmentation(cfg: DictConfig, kinds: set[str]) -> dict[str, Any]:
+    """A segmentation row counts the whole network (backbone and head) at the size that reproduces DyNet Table 3's
+    ResNet50 GFLOPs (768 x 768, `dynconv/tasks/segmentation/profile.py`), with its dataset's classes
+    (Cityscapes' 19 unless the row's data says otherwise)."""
+    from dynconv.tasks import TASKS
+    from dynconv.tasks.segmentation.profile import DEFAULT_SIDE, profile_segmenter
+
+    classes = int(OmegaConf.select(cfg, "data.num_classes") or 19)
+    with torch.device("meta"):
+        counts = profile_segmenter(TASKS.get("segmentation"), cfg, DEFAULT_SIDE, classes)
+    values = {"params": counts["params"], "macs": counts["macs"], "backbone_params": counts["backbone_params"],
+              "backbone_macs": counts["backbone_macs"]}
+    return {kind: value for kind, value in values.items() if kind in kinds}
+
+
 def count_config(cfg: DictConfig, kinds: Iterable[str]) -> dict[str, Any]:
     """The requested count kinds for a composed config (meta device)."""
     from dynconv.build import build_backbone
     from dynconv.profiling import count_macs, count_params, fold_for_inference
 
     kinds = set(kinds)
+    if cfg.task.name == "segmentation":
+        return count_segmentation(cfg, kinds)
     classes, side = counting_size(cfg)
     with torch.device("meta"):
         built = build_backbone(cfg.backbone, OmegaConf.to_container(cfg.op, resolve=True), cfg.attn,

@@ -7,7 +7,8 @@ Rerunning the same command resumes the row (train.py resumes from the folder's l
 
 Rows that fine-tune (`init_from: <table>/<row>`) start from the best checkpoint of the ImageNet row that trains
 their backbone: that row is launched first (in an earlier wave) when its checkpoint is not there yet.
-`smoke=true` swaps the data for the embedded datasets (digits for classification, toy COCO for detection) and
+`smoke=true` swaps the data for the embedded datasets (digits for classification, toy COCO for detection,
+toy_seg for segmentation, toy_video for video) and
 cuts every row to a few steps, with the selector's cost model instead of measuring each convolution shape
 (`conv_algorithm=model`: measuring would dominate a four-step run): it proves that each row composes, builds,
 trains and is collected, on a laptop.
@@ -29,7 +30,16 @@ SMOKE_CLASSIFICATION = ["data=digits", "data.max_train_samples=32", "data.max_va
                         "recipe.cycle_limit=1", "conv_algorithm=model", "log.progress_bar=false"]
 SMOKE_DETECTION = ["data=toy_coco", "data.max_train_samples=16", "data.max_val_samples=8", "data.num_workers=0",
                    "recipe.epochs=1", "recipe.warmup_epochs=0", "conv_algorithm=model", "log.progress_bar=false"]
-DETECTION_TASKS = ("retinanet", "maskrcnn")
+# Whole-image evaluation: a row's sliding windows (768 px for Cityscapes) would pad every toy image to a window.
+SMOKE_SEGMENTATION = ["data=toy_seg", "data.max_train_samples=16", "data.max_val_samples=8", "data.num_workers=0",
+                      "recipe.epochs=1", "recipe.warmup_epochs=0", "task.eval_mode=whole", "conv_algorithm=model",
+                      "log.progress_bar=false"]
+SMOKE_VIDEO = ["data=toy_video", "data.max_train_samples=16", "data.max_val_samples=8", "data.num_workers=0",
+               "recipe.epochs=1", "recipe.warmup_epochs=0", "conv_algorithm=model", "log.progress_bar=false"]
+# The embedded dataset each task's smoke runs on; those of the dense tasks pick their own CPU-sized recipe (a
+# `# @package _global_` data file), so the row's recipe override is dropped with its data.
+SMOKE_BY_TASK = {"classification": SMOKE_CLASSIFICATION, "retinanet": SMOKE_DETECTION, "maskrcnn": SMOKE_DETECTION,
+                 "segmentation": SMOKE_SEGMENTATION, "video": SMOKE_VIDEO}
 
 
 @dataclass
@@ -54,12 +64,13 @@ def row_task(overrides: list[str]) -> str:
 
 
 def smoke_overrides(overrides: list[str]) -> list[str]:
-    """The row's overrides on the embedded data for a few steps: its data (and, for detection, its COCO recipe:
-    the toy COCO data picks its CPU-sized recipe) replaced; everything that defines the model kept."""
-    detection = row_task(overrides) in DETECTION_TASKS
+    """The row's overrides on the embedded data for a few steps: its data (and, for the dense tasks, its recipe:
+    toy COCO, toy_seg and toy_video pick their CPU-sized recipes) replaced; everything that defines the model kept."""
+    task = row_task(overrides)
+    own_recipe = task != "classification"
     kept = [item for item in overrides if override_key(item) != "data" and not override_key(item).startswith("data.")
-            and not (detection and override_key(item) == "recipe")]
-    return merge_overrides(kept, SMOKE_DETECTION if detection else SMOKE_CLASSIFICATION)
+            and not (own_recipe and (override_key(item) == "recipe" or override_key(item).startswith("recipe.")))]
+    return merge_overrides(kept, SMOKE_BY_TASK.get(task, SMOKE_CLASSIFICATION))
 
 
 def checkpoint_of(results: Path, reference: str) -> Path:

@@ -68,6 +68,12 @@ class Task:
         """The metrics that train.py's and eval.py's final JSON line carry."""
         return [self.primary_metric]
 
+    def input_size(self, data_cfg: Mapping[str, Any]) -> tuple[int, ...]:
+        """One input of the model without the batch dimension, (C, H, W) (a video clip: (C, T, H, W)): what eval.py
+        counts MACs on. By default the evaluation side: detection's test scale, else the training size."""
+        side = int(data_cfg.get("test_size") or data_cfg["image_size"])
+        return (3, side, side)
+
     @classmethod
     def profile(cls, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """scripts/profile.py's report of the configured model: (readable text, the JSON record). By default

@@ -22,10 +22,13 @@ def inputs_per_group(layer: LayerInfo) -> int:
 
 class WeightParametrizationOperator(Operator):
     """Base of the operators that reparameterise convolution weights in place (op=lwe/mwe/we and
-    op=weight_std/weight_norm/spectral_norm): every nn.Conv2d but SE branches, the classifier and
+    op=weight_std/weight_norm/spectral_norm): every nn.Conv2d / nn.Conv3d but SE branches, the classifier and
     `op.keep_static`."""
 
     static_roles = frozenset({"se", "classifier"})
+    # The layer stays the backbone's own and only its weight is reparameterised, by functions of the weight tensor
+    # that read its trailing dimensions as one kernel (WE Sec. 3.2: "t x h x w for 3D"): Conv3d works unchanged.
+    supports_conv3d = True
 
     def refuse(self, layer: LayerInfo) -> str | None:
         # Not Operator.refuse: a weight reparameterisation works with any padding mode, so only place and type.
