@@ -291,10 +291,11 @@ def _check_batches(cfg: DictConfig) -> None:
     loaders refuse it only after the run folder exists). Checked where the size is known without reading the
     dataset: a fixed subset (data.max_train_samples) or an embedded dataset."""
     from dynconv.tasks.classification.digits import DIGITS_TRAIN_COUNT
+    from dynconv.tasks.video.toy_video import TOY_TRAIN_CLIPS
 
-    if _get(cfg, "task.name") != "classification" or not cfg.recipe.drop_last:
+    if _get(cfg, "task.name") not in ("classification", "video") or not cfg.recipe.drop_last:
         return
-    known = {"digits": DIGITS_TRAIN_COUNT}.get(cfg.data.name)
+    known = {"digits": DIGITS_TRAIN_COUNT, "toy_video": TOY_TRAIN_CLIPS}.get(cfg.data.name)
     subset = cfg.data.get("max_train_samples")
     sizes = [size for size in (known, subset) if size is not None]
     if not sizes:
@@ -303,10 +304,11 @@ def _check_batches(cfg: DictConfig) -> None:
     per_process = -(-min(sizes) // world_size)
     batch_size = cfg.recipe.batch_size
     if batch_size > per_process:
+        samples = "clips" if _get(cfg, "task.name") == "video" else "images"
         limited = subset is not None and (known is None or subset < known)
-        source = f"data.max_train_samples={subset}" if limited else f"data={cfg.data.name} has {known} training images"
+        source = f"data.max_train_samples={subset}" if limited else f"data={cfg.data.name} has {known} training {samples}"
         raise ConfigError(
-            f"recipe.batch_size={batch_size} is larger than the {per_process} training images per process "
+            f"recipe.batch_size={batch_size} is larger than the {per_process} training {samples} per process "
             f"({source}, {world_size} process(es)) with recipe.drop_last=true: no training step would run; "
             f"allowed values: recipe.batch_size <= {per_process}, a larger data.max_train_samples, or "
             "recipe.drop_last=false")

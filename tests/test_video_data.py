@@ -161,7 +161,8 @@ def test_frame_folders_and_video_files_give_the_sampled_frames(clip_root, caplog
     assert "FFmpeg cannot decode it" in reasons["broken.mp4"]
     assert reasons["gone"] == "no such video file or frame folder"
     assert "has 2 frames, fewer than the 7" in reasons["short"]
-    assert "skipped 3 undecodable video clip(s)" in caplog.text and str(clip_root / "videos" / "broken.mp4") in caplog.text
+    assert "skipped 3 undecodable video clip(s)" in caplog.text
+    assert str(clip_root / "videos" / "broken.mp4") in caplog.text
     assert data.val_loader.last_skipped == skipped
 
 

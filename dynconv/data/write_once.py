@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from dynconv.data.datasets import DATASETS, datasets_recognising
-from dynconv.data.errors import ForeignFolderError
+from dynconv.data.errors import DataError, ForeignFolderError
 
 MARKER = ".complete"
 
@@ -99,3 +99,19 @@ def write_tree_once(root: Path, name: str, write: Callable[[Path], object],
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def marker_matches(root: Path, name: str, expected: dict, format_version: int) -> bool:
+    """Whether `root` holds a complete tree of the embedded dataset `name` written with the `expected` settings:
+    False when it holds none; a DataError when it holds one written with other settings (nothing is changed
+    there; the message says how to write the current one)."""
+    marker = read_marker(root)
+    if marker is None:
+        return False
+    if {key: marker.get(key) for key in expected} != expected:
+        raise DataError(
+            f"{root} already holds a dataset tree written with other settings ({marker}; data={name} needs "
+            f"{expected}); nothing was changed there. Pass data.root=NEW_DIR, a new or empty folder (e.g. "
+            f"{root}-v{format_version}), to write the current {name}.")
+    return True
+

@@ -27,8 +27,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from dynconv.data.errors import DataError
-from dynconv.data.write_once import MARKER, read_marker, root_holds_tree, write_tree_once
+from dynconv.data.write_once import MARKER, marker_matches, read_marker, root_holds_tree, write_tree_once
 
 __all__ = ["check_toy_coco_root", "ensure_toy_coco", "toy_coco_counts", "TOY_CATEGORIES", "TOY_TRAIN_IMAGES",
            "TOY_VAL_IMAGES"]
@@ -155,18 +154,8 @@ def _write_tree(target: Path) -> dict:
 
 
 def _check_existing(root: Path) -> bool:
-    """True if ``root`` holds a complete toy tree of this format; raise if it holds another one."""
-    marker = read_marker(root)
-    if marker is None:
-        return False
-    expected = _expected_marker()
-    if {key: marker.get(key) for key in expected} != expected:
-        raise DataError(
-            f"{root} already holds a dataset tree written with other settings ({marker}; data=toy_coco needs "
-            f"{expected}); nothing was changed there. Pass data.root=NEW_DIR, a new or empty folder (e.g. "
-            f"{root}-v{_FORMAT_VERSION}), to write the current toy_coco."
-        )
-    return True
+    """True if `root` holds a complete toy tree of this format; raise if it holds another one."""
+    return marker_matches(root, "toy_coco", _expected_marker(), _FORMAT_VERSION)
 
 
 def check_toy_coco_root(root: str | os.PathLike) -> None:

@@ -23,13 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dynconv.data.errors import DataError
-from dynconv.data.write_once import (
-    MARKER,
-    read_marker,
-    root_holds_tree,
-    write_tree_once,
-)
+from dynconv.data.write_once import MARKER, marker_matches, root_holds_tree, write_tree_once
 from dynconv.tasks.segmentation.masks import IGNORE_INDEX
 from dynconv.tasks.segmentation.voc import IMAGE_DIR, LIST_DIR, MASK_DIR, voc_palette
 
@@ -158,16 +152,7 @@ def _write_tree(target: Path) -> None:
 
 def _check_existing(root: Path) -> bool:
     """True if `root` holds a complete toy tree of this format; raise if it holds another one."""
-    marker = read_marker(root)
-    if marker is None:
-        return False
-    expected = _expected_marker()
-    if {key: marker.get(key) for key in expected} != expected:
-        raise DataError(
-            f"{root} already holds a dataset tree written with other settings ({marker}; data=toy_seg needs "
-            f"{expected}); nothing was changed there. Pass data.root=NEW_DIR, a new or empty folder (e.g. "
-            f"{root}-v{_FORMAT_VERSION}), to write the current toy_seg.")
-    return True
+    return marker_matches(root, "toy_seg", _expected_marker(), _FORMAT_VERSION)
 
 
 def check_toy_seg_root(root: str | os.PathLike) -> None:

@@ -11,7 +11,7 @@ chance (25%), a temporal model (TSM's shift, R3D's 3-D kernels) learns it, and a
 into "right": the data config keeps data.hflip at 0, the Jester situation.
 
 Each clip: 12 frames of 40 x 40 px, a dark or light noisy background, one filled square, disc or diamond of 8-12 px
-in a colour far from the background, moving 1.5-2.5 px per frame (with a little sideways drift) along a path that
+in a colour far from the background, moving 2-2.5 px per frame (with a little sideways drift) along a path that
 stays inside the frame. 320 training and 80 validation clips (balanced classes), written once, atomically (like
 the digits and toy COCO: `dynconv/data/write_once.py`), in the video_folder layout:
 
@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dynconv.data.errors import DataError
-from dynconv.data.write_once import MARKER, read_marker, root_holds_tree, write_tree_once
+from dynconv.data.write_once import MARKER, marker_matches, root_holds_tree, write_tree_once
 
 __all__ = ["TOY_CLASSES", "TOY_FRAMES", "TOY_SIDE", "TOY_TRAIN_CLIPS", "TOY_VAL_CLIPS", "check_toy_video_root",
            "ensure_toy_video"]
@@ -114,16 +113,7 @@ def _write_tree(target: Path) -> dict:
 
 def _check_existing(root: Path) -> bool:
     """True if `root` holds a complete toy tree of this format; raise if it holds another one."""
-    marker = read_marker(root)
-    if marker is None:
-        return False
-    expected = _expected_marker()
-    if {key: marker.get(key) for key in expected} != expected:
-        raise DataError(
-            f"{root} already holds a dataset tree written with other settings ({marker}; data=toy_video needs "
-            f"{expected}); nothing was changed there. Pass data.root=NEW_DIR, a new or empty folder (e.g. "
-            f"{root}-v{_FORMAT_VERSION}), to write the current toy_video.")
-    return True
+    return marker_matches(root, "toy_video", _expected_marker(), _FORMAT_VERSION)
 
 
 def check_toy_video_root(root: str | os.PathLike) -> None:
