@@ -196,7 +196,7 @@ TOP_LEVEL: dict[str, Rule] = {
 }
 DIST = {"backend": rule("choice", DIST_BACKENDS), "timeout_s": rule("number_in", 0.0, MAX_TIMEOUT_S, low_open=True)}
 NONFINITE = {"max_consecutive": POSITIVE_INT}
-LOG = {"every": POSITIVE_INT, "progress_bar": FLAG, "tensorboard": FLAG}
+LOG = {"every": POSITIVE_INT, "progress_bar": FLAG, "tensorboard": FLAG, "figures": FLAG}
 CHECKPOINT = {"enabled": FLAG, "save_best": FLAG, "keep_last": rule("choice", (1, 2)),
               "on_write_error": rule("choice", ("stop", "continue"))}
 RECIPE: dict[str, Rule] = {

@@ -55,7 +55,7 @@ def test_the_fingerprint_ignores_resume_and_logging_only():
 
 def test_ctrl_c_saves_prints_the_final_json_and_the_same_command_resumes(train_env, tmp_path):
     outputs = tmp_path / "outputs"
-    args = ["recipe.epochs=3", "data.max_train_samples=512", "data.num_workers=2"]
+    args = ["recipe.epochs=3", "data.max_train_samples=384", "data.num_workers=2"]
     process = _launch(train_env, outputs, *args, env={"DYNCONV_FAULTS": ""})
     checkpoints = None
     deadline = time.monotonic() + 240

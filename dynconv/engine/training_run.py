@@ -242,7 +242,15 @@ def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Pa
     """
     ema = cfg.recipe.ema
     ema_hook = H.EMAHook(model, ema.decay, warmup=ema.warmup) if ema.enabled else None
+    tensorboard = H.TensorBoardHook(run_dir / "tensorboard", cfg.log.every) if dist.is_main and cfg.log.tensorboard \
+        else None
+    figures = None
+    if cfg.log.get("figures") and cfg.log.tensorboard:  # on every rank: they all record their shard and all_reduce
+        from dynconv.engine.hooks.figure_logging import FigureLoggingHook
+
+        figures = FigureLoggingHook(tensorboard.writer if tensorboard is not None else None)
     hooks = [
+        figures,  # wraps trainer.evaluate: the recorders are on during the evaluation of the model only
         H.OperatorScheduleHook(),
         H.LRScheduleHook(scheduler) if scheduler is not None else None,
         ema_hook,
@@ -251,7 +259,7 @@ def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Pa
         H.CheckpointHook(run_dir / "checkpoints", cfg.checkpoint.save_best, keep_last=cfg.checkpoint.keep_last,
                          on_write_error=cfg.checkpoint.on_write_error, class_names=names)
         if cfg.checkpoint.enabled else None,
-        H.TensorBoardHook(run_dir / "tensorboard", cfg.log.every) if dist.is_main and cfg.log.tensorboard else None,
+        tensorboard,
         H.ProgressHook(cfg.log.every) if dist.is_main and cfg.log.progress_bar else None,
     ]
     return [hook for hook in hooks if hook is not None]

@@ -16,8 +16,8 @@ from typing import Literal
 
 import torch
 
+from dynconv.functional import kernel_capture, selector
 from dynconv.functional import mixture_algorithms as algorithms
-from dynconv.functional import selector
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 
 MixtureMode = Literal["auto", "kernels", "outputs", "fused"]
@@ -56,6 +56,8 @@ def mixture_conv2d(
         raise ValueError(f"coefficients may be None only for a single kernel, got {experts.shape[0]}")
     tensors = (x, experts, coefficients, expert_bias, spatial, channel)
     geometry = (stride, padding, dilation, groups)
+    if kernel_capture.active():  # analysis: materialise t_b . W_b, so that per_sample_conv2d records it
+        mode = "kernels"
     if mode == "auto":
         mode = selector.select(MIXTURE, tensors, geometry)
     elif mode == "outputs" and spatial is not None:
@@ -133,7 +135,8 @@ def _by_kernels(x, experts, coefficients, expert_bias, spatial, channel, stride,
         kernels = experts[:1]  # n = 1: every sample shares it (broadcast below)
     else:
         kernels = (coefficients @ experts.flatten(1)).view(batch, *experts.shape[1:])
-    if channel is not None and spatial is None and x[0].numel() <= kernels[0].numel():
+    if (channel is not None and spatial is None and x[0].numel() <= kernels[0].numel()
+            and not kernel_capture.active()):  # a capture records the kernel with its channel scale
         # Scaling the input costs a pass over x, scaling the kernels a pass over them: take the smaller. With
         # a spatial scale the kernels are scaled anyway, and the channel scale rides along for free.
         x, channel = x * channel[:, :, None, None], None

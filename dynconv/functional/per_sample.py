@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dynconv.functional import selector
+from dynconv.functional import kernel_capture, selector
 
 Algorithm = Literal["auto", "folded", "bmm", "loop"]
 ALGORITHMS = ("auto",) + selector.PER_SAMPLE_ALGORITHMS
@@ -80,6 +80,8 @@ def per_sample_conv2d(
         raise ValueError(
             f"weight expects {weight.shape[2] * groups} input channels (groups={groups}), input has {channels}"
         )
+    if kernel_capture.active():  # analysis only (dynconv.analysis.kernel_export): the kernels this call applies
+        kernel_capture.record(weight, bias, stride, padding, dilation, groups)
     if batch == 1:
         # No folding needed: a plain convolution, which also exports with a free batch dimension.
         return F.conv2d(x, weight[0], None if bias is None else bias[0], stride, padding, dilation, groups)

@@ -63,6 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
+from dynconv.functional import kernel_capture
 from dynconv.functional.mixture import mixture_conv2d
 from dynconv.layers.batch_safe_norm import BatchSafeBatchNorm1d
 from dynconv.layers.contrasting_attention import ContrastingAttention, LinearTau, one_hot_beta, read_attention_function
@@ -144,7 +145,7 @@ class ODConv2d(KernelBankConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel, filt, spatial, kernel = self.attention(x)
-        if kernel is None and spatial is None:
+        if kernel is None and spatial is None and not kernel_capture.active():  # a capture takes the mixture
             # 1 x 1 with one kernel: the kernel is not per sample, so one static convolution is exact and
             # cheaper than materialising B copies of it.
             out = F.conv2d(x * channel[:, :, None, None], self.weight[0], None, self.stride, self.padding,
@@ -155,7 +156,10 @@ class ODConv2d(KernelBankConv2d):
             # kernels (or on the im2col columns) it costs no extra pass over the feature map.
             out = mixture_conv2d(x, self.weight, kernel, None, self.stride, self.padding, self.dilation,
                                  self.groups, spatial=spatial, channel=channel)
-        return out if filt is None else out * filt[:, :, None, None]
+        if filt is None:
+            return out
+        kernel_capture.scale_output(filt)  # analysis: a capture folds the filter attention into the kernel
+        return out * filt[:, :, None, None]
 
 
 @OPERATORS.register("odconv")

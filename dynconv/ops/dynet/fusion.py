@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynconv.functional import selector
+from dynconv.functional import kernel_capture, selector
 from dynconv.functional.mixture import KERNEL_ELEMENT_COST
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 
@@ -84,6 +84,8 @@ def dynet_conv2d(x: torch.Tensor, weight: torch.Tensor, coefficients: torch.Tens
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; allowed: {', '.join(FUSIONS)}")
     geometry = (stride, padding, dilation, groups)
+    if kernel_capture.active():  # analysis: fuse kernels, so that per_sample_conv2d records them
+        fusion = "kernels"
     if fusion == "auto":
         fusion = selector.select(FUSION, (x, weight, coefficients, bias), geometry)
     return _FUSION[fusion](x, weight, coefficients, bias, *geometry)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynconv.functional import selector
+from dynconv.functional import kernel_capture, selector
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 from dynconv.ops.kw.plan import LayerCells
 
@@ -79,6 +79,8 @@ ALGORITHMS = {"assemble": by_assembling, "cells": by_cells}
 
 def apply_warehouse_conv(x, alpha, cells, bias, layer) -> torch.Tensor:
     """The layer's output by the algorithm the selector picks for this shape (measured once by default)."""
+    if kernel_capture.active():  # analysis: assemble the kernels, so that per_sample_conv2d records them
+        return by_assembling(x, alpha, cells, bias, layer)
     algorithm = selector.select(WAREHOUSE_CONV, (x, alpha, cells, bias), layer)
     return ALGORITHMS[algorithm](x, alpha, cells, bias, layer)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynconv.functional import kernel_capture
 from dynconv.ops.kw.apply import apply_warehouse_conv, assemble
 from dynconv.ops.kw.attention import KWAttention
 from dynconv.ops.kw.plan import LayerCells
@@ -74,11 +75,13 @@ class KWConv2d(_KWLayer):
         alpha, scales = self.attention(x.mean(dim=(2, 3)))
         if scales is not None:  # KW*: ODConv's channel, spatial and filter attentions
             x = x * scales["channel"][:, :, None, None]
+            kernel_capture.scale_input(scales["channel"])  # analysis: folded into the captured kernel
             if "spatial" in scales:
                 alpha = self._scale_taps(alpha, scales["spatial"])
         out = apply_warehouse_conv(x, alpha, self.warehouse.cells, self.bias, self)
         if scales is not None and "filter" in scales:
             out = out * scales["filter"][:, :, None, None]
+            kernel_capture.scale_output(scales["filter"])  # analysis: folded into the captured kernel
         return out
 
     def _scale_taps(self, alpha: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,8 @@ class KWConv2d(_KWLayer):
         p = self.partition
         batch = alpha.shape[0]
         if p.spatial_groups == spatial.shape[1]:
-            return (alpha.view(batch, p.spatial_groups, -1) * spatial.view(batch, -1, 1)).view_as(alpha)
+            # reshape: at batch 1 the attention's alpha is not contiguous (view() refused it)
+            return (alpha.reshape(batch, p.spatial_groups, -1) * spatial.view(batch, -1, 1)).view_as(alpha)
         raise ValueError("KW* (op.omni) needs spatial partition (op.partition=true) for its spatial attention")
 
     def extra_repr(self) -> str:
