@@ -164,6 +164,12 @@ def _check_clip_backbone(cfg: DictConfig, backbone, task_class) -> None:
 
     if getattr(backbone, "takes_clips", False) and task_class.data_kind != "video":
         video_tasks = " or ".join(f"task={name}" for name, task in TASKS.items() if task.data_kind == "video")
+        data_name = OmegaConf.select(cfg, "data.name")
+        if OmegaConf.select(cfg, "data.num_frames") is not None:
+            # A video dataset (data=toy_video picks a video backbone itself) under an image task: the task is missing.
+            raise ConfigError(f"data={data_name} is a video dataset (clips, with backbone={cfg.backbone.name}) and "
+                              f"needs {video_tasks}, not task={cfg.task.name}: python train.py {video_tasks.split(' or ')[0]} "
+                              f"data={data_name}")
         raise ConfigError(f"backbone={cfg.backbone.name} takes video clips (batch, channels, frames, height, width) "
                           f"and fits {video_tasks} only, not task={cfg.task.name}; allowed backbones for "
                           f"task={cfg.task.name}: the image backbones (e.g. resnet18, resnet50)")

@@ -44,7 +44,8 @@ HEAVY = {"resnext29_16x64d"}
 # ResNet152 and WideResNet50-2 have ResNet50's bottlenecks (deeper, wider: 3-4 s a step each, over a minute per
 # backbone for the whole matrix, which CI's 30 minutes cannot afford): they train with the operators whose layout
 # depends on the network (KernelWarehouse's warehouses per stage) and one kernel mixture and one reparameterisation.
-DEEP_OPS = {"resnet152": {"static", "kw", "condconv", "lwe"}, "wide_resnet50_2": {"static", "kw", "condconv", "lwe"}}
+# ResNet152's blocks are ResNet50's (KernelWarehouse on bottlenecks: wide_resnet50_2 and resnet50 take the step).
+DEEP_OPS = {"resnet152": {"static", "condconv", "lwe"}, "wide_resnet50_2": {"static", "kw", "condconv", "lwe"}}
 
 
 # Backbones that take video clips, not images: tests/test_video_backbones.py trains and converts them.

@@ -26,7 +26,8 @@ class KernelBankConv2d(nn.Module):
                  groups: int = 1, *, kernels: int, bias: bool = False):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = tuple(kernel_size)
+        # An int is a square kernel, as nn.Conv2d takes it.
+        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.kernels = kernels
         self.weight = nn.Parameter(torch.empty(kernels, out_channels, in_channels // groups, *self.kernel_size))
