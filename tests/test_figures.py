@@ -81,7 +81,7 @@ def test_kw_fig3_data_is_the_recorders_mean_attention(tmp_path, kw_checkpoint):
     assert set(data["warehouses"]) == set(expected)
     for key, entry in expected.items():
         torch.testing.assert_close(torch.tensor(data["warehouses"][key]["alpha"], dtype=torch.float64),
-                                   entry["alpha"], rtol=1e-6, atol=1e-9)
+                                   entry["alpha"], rtol=1e-5, atol=1e-6)  # float32 attentions, batches of 8 vs 24
     rows = Path(next(f for f in files if f.endswith(".csv"))).read_text().splitlines()
     assert len(rows) - 1 == sum(entry["alpha"].numel() for entry in expected.values())
 

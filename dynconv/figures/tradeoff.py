@@ -32,12 +32,12 @@ FAMILY_STYLE = {"static": ("tab:gray", "o"), "SE": ("tab:blue", "s"), "SK": ("ta
 
 def family(overrides) -> str:
     """The operator family a row or run belongs to, from its overrides (attn=se is SE on a static network)."""
-    text = " ".join(overrides)
-    if "attn=se" in text:
+    overrides = set(overrides)
+    if "attn=se" in overrides:
         return "SE"
     for op, name in (("op=sk", "SK"), ("op=condconv", "CondConv"), ("op=weightnet", "WeightNet"),
                      ("op=dynet", "DyNet")):
-        if op in text.split() or f" {op}" in f" {text}":
+        if op in overrides:
             return name
     return "static"
 
