@@ -89,19 +89,15 @@ def wn_points(ctx: FigureContext) -> list[dict[str, Any]]:
 
 
 def paper_scale_counts(config: dict[str, Any]) -> tuple[float, float]:
-    """(params M, MACs M) of a run's backbone x op x attention at its backbone's default resolution and 1000
-    classes, as the papers count (meta device)."""
-    import torch
-
-    from dynconv.build import build_backbone
-    from dynconv.profiling import count_macs, count_params
+    """(params M, MACs M) of a run's backbone x op x attention as the papers count them: at the backbone's default
+    resolution and 1000 classes, on the meta device (`reproduce.py`'s counting)."""
+    from dynconv.reproduction.counting import count_config
 
     cfg = OmegaConf.create(config)
-    side = int(cfg.backbone.get("default_resolution", 224) or 224)
-    with torch.device("meta"):
-        model = build_backbone(cfg.backbone, OmegaConf.to_container(cfg.op, resolve=True), cfg.attn,
-                               num_classes=1000, image_size=side).backbone
-    return count_params(model) / 1e6, count_macs(model, (3, side, side)).total / 1e6
+    OmegaConf.update(cfg, "data.num_classes", 1000, force_add=True)
+    OmegaConf.update(cfg, "data.image_size", int(cfg.backbone.get("default_resolution", 224) or 224), force_add=True)
+    values = count_config(cfg, ("params", "macs"))
+    return values["params"] / 1e6, values["macs"] / 1e6
 
 
 def _scatter(ax, points, x_key, paper_x_key, title, xlabel):
