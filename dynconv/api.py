@@ -124,15 +124,14 @@ def load(checkpoint: str | Path, *, weights: str = "model", device: str | torch.
 
     `weights="ema"` takes the EMA weights of a run that kept them."""
     from dynconv.build import build_backbone
-    from dynconv.engine.checkpoint import ema_weights, load_checkpoint
+    from dynconv.engine.checkpoint import checkpoint_in_run, ema_weights, load_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir():
-        found = [candidate for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt",
-                                             path / "best.pt", path / "last.pt") if candidate.is_file()]
-        if not found:
+        found = checkpoint_in_run(path)
+        if found is None:
             raise FileNotFoundError(f"{path}: a folder without checkpoints/best.pt or checkpoints/last.pt")
-        path = found[0]
+        path = found
     payload = load_checkpoint(path)
     config = payload.get("config") or {}
     task = (config.get("task") or {}).get("name", "classification")

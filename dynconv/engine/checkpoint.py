@@ -121,6 +121,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return payload
 
 
+def checkpoint_in_run(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint a run folder stands for: its `checkpoints/best.pt`, else `checkpoints/last.pt` (also found
+    directly in `folder`, for a folder of checkpoints); None when it has neither."""
+    folder = Path(folder)
+    for name in ("best.pt", "last.pt"):
+        for candidate in (folder / "checkpoints" / name, folder / name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def find_resumable(directory: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """The newest readable full training state in a run's `checkpoints/` (`last.pt`, else `previous.pt`).
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dynconv.engine.checkpoint import checkpoint_in_run
 from dynconv.figures.registry import MissingInput
 
 PER_SAMPLE_OPS = ("weightnet", "condconv", "dyconv", "odconv", "kw", "dynet", "dcd", "cgc")
@@ -80,14 +81,6 @@ class LoadedRun:
         return list(names) if names else [str(index) for index in range(self.data.num_classes)]
 
 
-def _checkpoint_in(folder: Path) -> Path | None:
-    for name in ("best.pt", "last.pt"):
-        for candidate in (folder / "checkpoints" / name, folder / name):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -117,7 +110,7 @@ class FigureContext:
                 path = Path(item)
                 run_dir = None
                 if path.is_dir():
-                    run_dir, path = path, _checkpoint_in(path)
+                    run_dir, path = path, checkpoint_in_run(path)
                     if path is None:
                         raise FileNotFoundError(f"checkpoint={item}: the folder holds no checkpoints/best.pt or "
                                                 "checkpoints/last.pt")
@@ -126,7 +119,7 @@ class FigureContext:
                     run_dir = path.parent.parent
                 refs.append(RunRef(path, dict(payload.get("config") or {}), run_dir))
             for run_dir in self.run_dirs():
-                checkpoint = _checkpoint_in(run_dir)
+                checkpoint = checkpoint_in_run(run_dir)
                 if checkpoint is None or any(ref.checkpoint == checkpoint or ref.run_dir == run_dir for ref in refs):
                     continue
                 refs.append(RunRef(checkpoint, _read_config(run_dir), run_dir))
