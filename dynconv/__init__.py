@@ -6,7 +6,8 @@ Data flows one way: config -> build (backbone, convert, head) -> engine (loop + 
 __version__ = "0.1.0"
 
 # The Python API (docs/api.md). Imported lazily: `import dynconv` stays light for the scripts.
-_API = ("create_model", "model_config", "count_macs", "profile", "load", "options")
+_API = ("create_model", "model_config", "count_macs", "profile", "load", "options", "init_from_static", "convert",
+        "set_training_progress", "export")
 __all__ = list(_API)
 
 

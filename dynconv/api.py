@@ -170,3 +170,44 @@ def _classifier_size(state: dict[str, torch.Tensor]) -> int | None:
     """Rows of the last 2-D weight in the state dict: the classifier of every dynconv classification backbone."""
     matrices = [value for key, value in state.items() if key.endswith("weight") and value.dim() == 2]
     return int(matrices[-1].shape[0]) if matrices else None
+
+
+def init_from_static(model: nn.Module, static, *, spread: float = 0.1):
+    """Start `model`'s dynamic layers from a static network's weights: a state dict, a file (a timm / torchvision
+    state dict, a dynconv `op=static` checkpoint) or "timm:<name>" (timm's pretrained weights). Each operator's rule
+    (docs/pretrained.md): exact at initialisation for DY-Conv, ODConv, CondConv, WeightNet, KernelWarehouse b >= 1
+    and unstandardised LWE / MWE; the returned report says which layers are exact and why not elsewhere."""
+    from dynconv.pretrained import init_from_static as initialise
+
+    return initialise(model, static, spread=spread)
+
+
+def convert(model: nn.Module, op: str = "static", *, image_size: int | None = None, verbose: bool = False,
+            **knobs: Any) -> nn.Module:
+    """Convert, in place, a network dynconv did not build (any timm model, torchvision's classification models)
+    to operator `op` with `knobs` (validated as `op.<knob>=` on the command line); returns the same model, its
+    decisions in `model.dynconv_conversion` (docs/convert.md). Placement comes from what the library knows: timm's
+    `feature_info` stages, module types for roles, the stem and the classifier; a layer it cannot place stays
+    static with the reason shown."""
+    from dynconv.conversion.any_model import convert_model
+
+    return convert_model(model, op, image_size=image_size, verbose=verbose, **knobs)
+
+
+def set_training_progress(model: nn.Module, epoch: float) -> dict[str, float]:
+    """Drive the operators' schedules (DY-Conv / ODConv temperature, KernelWarehouse's tau) at `epoch` (fractional:
+    epoch + step / steps) in a training loop of your own, as train.py does; returns the values set."""
+    from dynconv.conversion.progress import set_training_progress as set_progress
+
+    return set_progress(model, epoch)
+
+
+def export(model: nn.Module, path: str | Path, format: str = "onnx", *, example_input: torch.Tensor | None = None,
+           **options: Any) -> dict[str, Any]:
+    """Write `model` as ONNX or a `torch.export` program with a dynamic batch dimension, or as the folded plain
+    network of the reparameterisations (`format="folded"`), and check the file against the eager model at batch 1,
+    3 and 8; returns the report ({"max_abs_diff", "batch_sizes", ...}). docs/export.md. `options`: `batch_sizes`,
+    `tolerance`, `opset`, `optimize` of `dynconv.exporting.run.export`."""
+    from dynconv.exporting import export as write
+
+    return write(model, path, format, example_input=example_input, **options)

@@ -26,10 +26,11 @@ class BuiltBackbone:
 
 
 # Knobs of some backbone families: initialisation choices (docs/initialisation.md), architecture variants
-# (docs/training.md: GroupNorm, ResNet v1) and dilation (docs/segmentation.md: output_stride). Passed to the
-# builder only where the backbone's config has them, so builders and configs without them keep working.
+# (docs/training.md: GroupNorm, ResNet v1), dilation (docs/segmentation.md: output_stride) and the network
+# backbone=timm builds (docs/convert.md: model). Passed to the builder only where the backbone's config has them,
+# so builders and configs without them keep working.
 BACKBONE_FAMILY_KNOBS = ("zero_init_last", "drop_path_schedule", "classifier_init", "norm_layer", "norm_groups",
-                         "stride_in_1x1", "output_stride", "shift_div")
+                         "stride_in_1x1", "output_stride", "shift_div", "model")
 
 
 def make_operator(op_cfg: Mapping[str, Any]) -> Operator:

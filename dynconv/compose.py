@@ -9,8 +9,7 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from dynconv.config import ConfigError, register_resolvers, validate_model_config, validate_recipe_config
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from dynconv.paths import CONFIG_DIR
 
 # Sections that a script adds to a config without them and reads itself: scripts/bench_overhead.py composes
 # train.yaml with its own `+bench.*` keys. Every other added key is refused (dynconv/overrides.py).

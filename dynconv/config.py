@@ -212,9 +212,10 @@ def _check_input_size(cfg: DictConfig, built) -> None:
                       f"(e.g. {REFERENCE_SIDE}; every backbone takes the multiples of 32)")
 
 
-def validate_data_config(cfg: DictConfig) -> None:
+def validate_data_config(cfg: DictConfig, *, evaluation: bool = False) -> None:
     """data.name names a registered dataset that fits the task, every data key has an allowed value, and the
-    dataset's files are where the config says (an embedded dataset: that its folder holds nothing else)."""
+    dataset's files are where the config says (an embedded dataset: that its folder holds nothing else).
+    `evaluation`: only the split an evaluation reads has to be there (the dataset's `check_eval`)."""
     from dynconv.data import DATASETS
     from dynconv.tasks import TASKS  # importing the tasks registers their datasets
 
@@ -229,7 +230,8 @@ def validate_data_config(cfg: DictConfig) -> None:
     _check_sections(cfg, DATA_SECTION)  # before the layout check: a bad value is found without a disk access
     if not spec.embedded:
         _get(cfg, "data.root")  # a mandatory value left unset (???) says so first
-    spec.check(cfg.data)
+    check = spec.check_eval if evaluation and spec.check_eval is not None else spec.check
+    check(cfg.data)
 
 
 def validate_recipe_config(cfg: DictConfig) -> None:

@@ -84,6 +84,26 @@ def init_from(knobs: Knobs, key: str) -> None:
     _existing_file(knobs, key, (), nullable=True)
 
 
+def init_from_static(knobs: Knobs, key: str) -> None:
+    """null, a static network's weights file, or timm:<a timm model with pretrained weights>; not with init_from
+    (one start: a dynamic checkpoint of the same op, or a static network's weights; docs/pretrained.md)."""
+    value = knobs.get(key)
+    if value is None:
+        return
+    if knobs.get("init_from") is not None:
+        raise knobs.error(f"{knobs.name(key)}={value!r} and init_from={knobs.get('init_from')!r} are both set: a run "
+                          "starts from one of them; allowed values: null (keep init_from) or unset init_from")
+    if isinstance(value, str) and value.startswith("timm:"):
+        import timm
+
+        name = value.removeprefix("timm:")
+        if not (name in timm.list_pretrained() or timm.is_model_pretrained(name)):
+            raise knobs.error(f"{knobs.name(key)}={value!r}: timm has no pretrained weights named {name!r}; allowed "
+                              "values: timm:<a name of timm.list_pretrained()>, e.g. timm:resnet50.tv_in1k")
+        return
+    _existing_file(knobs, key, (), nullable=True)
+
+
 def resume(knobs: Knobs, key: str) -> None:
     _existing_file(knobs, key, ("auto", "never"), nullable=False)
 
@@ -190,6 +210,7 @@ TOP_LEVEL: dict[str, Rule] = {
     "seed": rule("integer", 0, high=SEED_MAX),
     "device": rule("choice", DEVICES),
     "init_from": init_from,
+    "init_from_static": init_from_static,
     "resume": resume,
     "deterministic": FLAG,
     "conv_algorithm": conv_algorithm,
@@ -297,6 +318,7 @@ REPRODUCE = {  # set by scripts/reproduce.py launch (docs/reproduction.md)
 }
 BACKBONE = {
     "name": CHECKED_ELSEWHERE,  # the BACKBONES registry
+    "model": CHECKED_ELSEWHERE,  # backbone=timm: the timm model name, checked against timm's registry when built
     "drop_rate": rule("number_in", 0.0, 1.0, high_open=True, nullable=True),
     "drop_path_rate": rule("number_in", 0.0, 1.0, high_open=True, nullable=True),
     # Initialisation and regularisation choices of the papers' releases (docs/initialisation.md): each block's last

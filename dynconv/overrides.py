@@ -14,14 +14,12 @@ in the checkpoint, so those keys are checked against the stored config by `rejec
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from dynconv.config import ConfigError
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from dynconv.paths import CONFIG_DIR
 
 # Configs whose added keys below these sections are read elsewhere (see the module docstring).
 MERGED_SECTIONS: Mapping[str, tuple[str, ...]] = {"eval": ("data", "recipe"), "kw_attention": ("data", "recipe")}

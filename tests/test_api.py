@@ -94,3 +94,15 @@ def test_the_docs_example_runs():
     text = (REPO / "docs" / "api.md").read_text()
     first = re.findall(r"```python\n(.*?)```", text, re.DOTALL)[0]
     exec(compile(first, "docs/api.md", "exec"), {})
+
+
+def test_the_docs_notebook_walk_through_runs(tmp_path, monkeypatch):
+    """docs/api.md's walk-through as written: create, convert a timm EfficientNet, count MACs, init from static,
+    export to ONNX, run it in onnxruntime at another batch size."""
+    text = (REPO / "docs" / "api.md").read_text()
+    walk_through = next(block for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+                        if "onnxruntime.InferenceSession" in block)
+    monkeypatch.chdir(tmp_path)  # the example writes its .onnx file into the working folder
+    torch.manual_seed(0)
+    exec(compile(walk_through, "docs/api.md", "exec"), {})
+    assert (tmp_path / "efficientnet_b0_dyconv.onnx").is_file()

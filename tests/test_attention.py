@@ -30,6 +30,7 @@ from conftest import CONFIG_DIR, describe
 from dynconv.attention import ATTENTIONS, AttentionConfigError, check_attention
 from dynconv.attention.sites import Site, supported_backbones
 from dynconv.backbones import BACKBONES
+from dynconv.backbones.timm_any import BY_MODEL_NAME
 from dynconv.backbones.video import VIDEO_BACKBONES
 from dynconv.build import build_backbone
 from dynconv.conversion.convert import describe_layers
@@ -46,7 +47,8 @@ ATTN = {  # the defaults of configs/attn/*.yaml
 OPS = {"static": {"name": "static"}, "condconv": {"name": "condconv", "experts": 2, "keep_static": []}}
 # Image backbones: the TSM ones take clips, and their ResNet blocks have resnet18's and resnet50's sites.
 SUPPORTED = [name for name in supported_backbones() if name not in VIDEO_BACKBONES]
-UNSUPPORTED = [name for name in BACKBONES.names() if name not in supported_backbones()]
+# backbone=timm (any network, the generic family: no sites) needs backbone.model: tests/test_convert_any.py.
+UNSUPPORTED = [name for name in BACKBONES.names() if name not in supported_backbones() and name not in BY_MODEL_NAME]
 # Same blocks (timm Bottleneck) and the same code path as resnet50, at 25-70M parameters: run with -m slow.
 HEAVY = {"resnet152", "wide_resnet50_2", "resnext50_32x4d"}
 

@@ -53,6 +53,17 @@ def test_the_fingerprint_ignores_resume_and_logging_only():
     assert config_fingerprint(base) != config_fingerprint({**base, "seed": 1})
 
 
+def test_keys_added_at_their_neutral_value_keep_the_folder_of_runs_started_before_them():
+    """`init_from_static: null` and KernelWarehouse's `op.layout: paper` were added after runs were named: a run
+    started before them keeps its folder (and resumes); another value is another run."""
+    before = {"seed": 0, "op": {"name": "kw", "b": 1}}
+    after = {**before, "init_from_static": None, "op": {**before["op"], "layout": "paper"}}
+    assert config_fingerprint(after) == config_fingerprint(before)
+    assert after["op"]["layout"] == "paper" and "init_from_static" in after  # the caller's config is untouched
+    assert config_fingerprint({**after, "op": {**after["op"], "layout": "release"}}) != config_fingerprint(before)
+    assert config_fingerprint({**after, "init_from_static": "static.pt"}) != config_fingerprint(before)
+
+
 def test_ctrl_c_saves_prints_the_final_json_and_the_same_command_resumes(train_env, tmp_path):
     outputs = tmp_path / "outputs"
     args = ["recipe.epochs=3", "data.max_train_samples=384", "data.num_workers=2"]

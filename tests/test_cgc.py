@@ -62,7 +62,7 @@ def _module(in_ch, out_ch, groups, kernel, stride, dilation, bias, train):
     torch.manual_seed(0)
     padding = tuple(dilation * (k // 2) for k in kernel)
     conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding, dilation, groups, bias)
-    module = CGCConv2d(conv, group_channels=2).double()
+    module = CGCConv2d.from_conv(conv, group_channels=2).double()
     with torch.no_grad():  # BatchNorms away from identity, so that both their statistics and affine parts count
         for norm in (module.gate.context_norm, module.gate.interact_norm, module.gate.output_norm):
             norm.weight.uniform_(0.5, 1.5)

@@ -118,7 +118,9 @@ def test_validate_model_config_accepts_every_backbone_and_op(compose_cfg, backbo
     from dynconv.config import validate_model_config
 
     task = ["task=video"] if backbone in VIDEO_BACKBONES else []
-    cfg = compose_cfg([f"backbone={backbone}", f"op={op}", *task])
+    # backbone=timm needs the network's name: timm's smallest test model (placement and features: test_convert_any)
+    model = ["backbone.model=test_efficientnet"] if backbone == "timm" else []
+    cfg = compose_cfg([f"backbone={backbone}", f"op={op}", *task, *model])
     validate_model_config(cfg)
 
 

@@ -89,7 +89,7 @@ def _randomise(module):
 def _conv_module(kernel, stride, dilation, bias, pool, in_ch=4, out_ch=6):
     torch.manual_seed(0)
     conv = nn.Conv2d(in_ch, out_ch, kernel, stride, dilation * (kernel // 2), dilation, bias=bias)
-    return _randomise(DCDConv2d(conv, latent=3, hidden=5, pool=pool).double())
+    return _randomise(DCDConv2d.from_conv(conv, latent=3, hidden=5, pool=pool).double())
 
 
 def _input(*shape, seed=3):

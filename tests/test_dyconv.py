@@ -143,8 +143,9 @@ def test_single_kernel_is_a_conv2d():
 
 
 def test_bias_and_kernels_initialised():
-    """Biases are initialised (uniform within the nn.Conv2d bound 1/sqrt(fan_in)); each kernel like nn.Conv2d."""
-    module = DyConv2d(16, 32, (3, 3), padding=1, bias=True, kernels=4)
+    """Biases are initialised (uniform within the nn.Conv2d bound 1/sqrt(fan_in)); each kernel like nn.Conv2d (the
+    `pytorch` initialisation; the default, the release's, zeroes the biases: tests/test_initialisation.py)."""
+    module = DyConv2d(16, 32, (3, 3), padding=1, bias=True, kernels=4, weight_init="pytorch")
     bound = 1.0 / math.sqrt(16 * 9)
     assert torch.isfinite(module.bias).all()
     assert module.bias.std() > 0.1 * bound and module.bias.abs().max() <= bound

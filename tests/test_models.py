@@ -11,6 +11,7 @@ from op_checks import load_op_config
 from torch.nn.utils import parametrize
 
 from dynconv.backbones import BACKBONES, Backbone
+from dynconv.backbones.timm_any import BY_MODEL_NAME
 from dynconv.backbones.video import VIDEO_BACKBONES
 from dynconv.build import build_backbone
 from dynconv.ops import OPERATORS
@@ -48,8 +49,9 @@ HEAVY = {"resnext29_16x64d"}
 DEEP_OPS = {"resnet152": {"static", "condconv", "lwe"}, "wide_resnet50_2": {"static", "kw", "condconv", "lwe"}}
 
 
-# Backbones that take video clips, not images: tests/test_video_backbones.py trains and converts them.
-IMAGE_BACKBONES = [name for name in BACKBONES.names() if name not in VIDEO_BACKBONES]
+# Backbones that take video clips, not images: tests/test_video_backbones.py trains and converts them. backbone=timm
+# builds the network backbone.model names: tests/test_convert_any.py trains it with every operator.
+IMAGE_BACKBONES = [name for name in BACKBONES.names() if name not in VIDEO_BACKBONES and name not in BY_MODEL_NAME]
 
 
 def _matrix() -> list:

@@ -3,6 +3,7 @@ per-sample F.conv2d reference); MAC counting; shape errors; the measured-and-cac
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconv.functional import counting_macs, mixture_conv2d, per_sample_conv2d
+from dynconv.functional import counting_macs, mixture_conv2d, per_sample_conv2d, selector
 
 # (in, out, kernel, stride, padding, dilation, groups, size)
 GEOMETRIES = {
@@ -43,7 +44,8 @@ def _reference(x, w, b, conv):
                                conv["dilation"], conv["groups"]) for i in range(x.shape[0])])
 
 
-ALGOS = ["folded", "bmm", "loop", "auto"]
+# "export": "auto" inside selector.exporting(), the batch-independent algorithm an exported graph records.
+ALGOS = ["folded", "bmm", "loop", "auto", "export"]
 CASES = list(itertools.product(sorted(GEOMETRIES), [1, 4], [True, False], ALGOS))
 
 
@@ -51,21 +53,36 @@ CASES = list(itertools.product(sorted(GEOMETRIES), [1, 4], [True, False], ALGOS)
                          ids=[f"{g}-b{b}-{'bias' if bb else 'nobias'}-{a}" for g, b, bb, a in CASES])
 def test_algorithms_agree_with_reference(geometry, batch, bias, algorithm):
     """Each algorithm equals the per-sample F.conv2d reference (float64, 1e-12), forward and input/weight/bias
-    gradients. bmm handles groups=1 only and must refuse grouped convolutions at batch > 1 with ValueError."""
+    gradients, for every geometry: bmm on grouped and depthwise kernels too, and the export formulation at batch 1
+    (where it skips the plain-convolution shortcut)."""
     x, w, b, conv = _inputs(geometry, batch, bias)
-    if algorithm == "bmm" and conv["groups"] != 1 and batch > 1:
-        with pytest.raises(ValueError, match="groups=1"):
-            per_sample_conv2d(x, w, b, **conv, algorithm=algorithm)
-        return
     leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
     ref_leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
-    y = per_sample_conv2d(*leaves[:2], leaves[2] if bias else None, **conv, algorithm=algorithm)
+    with selector.exporting() if algorithm == "export" else contextlib.nullcontext():
+        y = per_sample_conv2d(*leaves[:2], leaves[2] if bias else None, **conv,
+                              algorithm="auto" if algorithm == "export" else algorithm)
     y_ref = _reference(*ref_leaves[:2], ref_leaves[2] if bias else None, conv)
     assert y.shape == y_ref.shape
     torch.testing.assert_close(y, y_ref, rtol=0.0, atol=1e-12)
     grad_out = torch.randn_like(y_ref)
     for g, g_ref in zip(torch.autograd.grad(y, leaves, grad_out), torch.autograd.grad(y_ref, ref_leaves, grad_out)):
         torch.testing.assert_close(g, g_ref, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_im2col_equals_unfold(geometry):
+    """dynconv's im2col (strided slices: the form that exports to fast ONNX) is F.unfold, value for value and in
+    the same layout, for every geometry (stride, asymmetric padding, dilation, 1x1), and so is its gradient."""
+    from dynconv.functional.im2col import im2col
+
+    x, w, _, conv = _inputs(geometry, 3, False)
+    args = (w.shape[-2:], conv["dilation"], conv["padding"], conv["stride"])
+    leaf, ref_leaf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    columns, reference = im2col(leaf, *args), F.unfold(ref_leaf, *args)
+    assert torch.equal(columns, reference)
+    grad = torch.randn_like(reference)
+    torch.testing.assert_close(torch.autograd.grad(columns, leaf, grad)[0],
+                               torch.autograd.grad(reference, ref_leaf, grad)[0], rtol=0, atol=1e-12)
 
 
 def test_samples_really_use_their_own_kernel():
@@ -128,7 +145,6 @@ def test_canonical_mixture_counts_paper_cost():
         ((1, 4, 5, 5), (2, 6, 4, 3, 3), 1, "auto", "per-sample weight"),  # batch mismatch at B=1
         ((2, 4, 5, 5), (2, 6, 3, 3, 3), 1, "folded", "input channels"),  # C/g does not match the input
         ((2, 4, 5, 5), (2, 6, 4, 3, 3), 2, "folded", "input channels"),  # groups inconsistent with weight
-        ((2, 4, 5, 5), (2, 6, 2, 3, 3), 2, "bmm", "groups=1"),
         ((2, 4, 5, 5), (2, 6, 4, 3, 3), 1, "winograd", "unknown algorithm"),
     ],
 )
@@ -197,8 +213,10 @@ def _unsupported(mode, scales, conv):
     return (mode == "outputs" and "spatial" in scales) or (mode == "fused" and conv["groups"] != 1)
 
 
+# "export": "auto" inside selector.exporting() (outputs or kernels, whichever the cost model prefers per sample).
+MIXTURE_MODE_CASES = ["kernels", "outputs", "fused", "export"]
 MIXTURE_TESTS = [(case, mode, scales, batch, bias, single)
-                 for case, mode, scales in itertools.product(sorted(MIX_CASES), ["kernels", "outputs", "fused"], SCALES)
+                 for case, mode, scales in itertools.product(sorted(MIX_CASES), MIXTURE_MODE_CASES, SCALES)
                  for batch, bias, single in [(3, True, False), (1, False, False), (2, False, True)]]
 
 
@@ -217,7 +235,9 @@ def test_mixture_modes_agree_with_reference(case, mode, scales, batch, bias, sin
         return
     leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
     ref_leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
-    y = mixture_conv2d(*leaves[:4], **conv, mode=mode, spatial=leaves[4], channel=leaves[5])
+    with selector.exporting() if mode == "export" else contextlib.nullcontext():
+        y = mixture_conv2d(*leaves[:4], **conv, mode="auto" if mode == "export" else mode, spatial=leaves[4],
+                           channel=leaves[5])
     y_ref = _mixture_reference(*ref_leaves, conv)
     assert y.shape == y_ref.shape
     torch.testing.assert_close(y, y_ref, rtol=0.0, atol=1e-12)
@@ -386,8 +406,8 @@ def test_mixture_measures_its_modes(measured):
 
 @pytest.mark.parametrize("policy", ["model", "folded", "loop", "bmm", "kernels", "outputs", "fused"])
 def test_policy_switch(measured, policy):
-    """Policy "model" or a forced algorithm never times anything. A forced per-sample algorithm runs where it
-    applies (bmm: groups=1; elsewhere the cost model), and makes mixtures mix kernels; a forced mixture mode
+    """Policy "model" or a forced algorithm never times anything. A forced per-sample algorithm runs (each
+    applies to every geometry, bmm to grouped kernels too), and makes mixtures mix kernels; a forced mixture mode
     runs where it applies. Results stay exact whatever the policy."""
     from dynconv.functional import per_sample as per_sample_conv
     from dynconv.functional import selector
@@ -409,12 +429,37 @@ def test_policy_switch(measured, policy):
     finally:
         per_sample_conv._PER_SAMPLE.update(original)
     assert measured == [] and selector.choices() == {}
-    if policy in ("folded", "loop"):
+    if policy in ("folded", "loop", "bmm"):
         assert seen == [policy, policy, policy]  # the mixture mixed kernels and ran the forced algorithm
-    elif policy == "bmm":
-        assert seen == ["bmm", "folded", "bmm"]  # groups=2: the cost model's folded
     elif policy in ("outputs", "fused"):
         assert len(seen) == 2  # the two plain per-sample calls; the mixture ran the forced mode, no kernels
+
+
+@pytest.mark.parametrize("policy", ["measure", "model", "folded", "loop", "fused", "kernels"])
+def test_exporting_takes_batch_independent_algorithms(measured, monkeypatch, policy):
+    """Inside selector.exporting() every call, batch 1 included (no plain-convolution shortcut), runs bmm, the
+    im2col formulation whose graph holds for every batch size, whatever the policy; mixtures never run "fused"
+    (its blocks are sized by the batch). Nothing is timed or cached, and the results stay exact."""
+    from dynconv.functional import mixture_algorithms
+    from dynconv.functional import per_sample as per_sample_conv
+
+    seen = []
+    for name, fn in dict(per_sample_conv._PER_SAMPLE).items():
+        monkeypatch.setitem(per_sample_conv._PER_SAMPLE, name,
+                            lambda *args, name=name, fn=fn: seen.append(name) or fn(*args))
+    monkeypatch.setattr(mixture_algorithms, "by_fused", lambda *args: pytest.fail("fused ran while exporting"))
+    with selector.policy(policy), selector.exporting():
+        assert selector.is_exporting()
+        for batch, groups in ((1, 1), (4, 1), (1, 2), (4, 2)):
+            x, w, b, conv = _conv_inputs(batch=batch, groups=groups)
+            torch.testing.assert_close(per_sample_conv2d(x, w, b, **conv), _reference(x, w, b, conv), rtol=0,
+                                       atol=1e-12)
+        for scales in ("none", "spatial"):  # 7x7 outputs, 3 experts: outputs; a spatial scale needs kernels
+            tensors, mconv = _mixture_inputs("3x3", 3, True, scales, False)
+            y = mixture_conv2d(*tensors[:4], **mconv, spatial=tensors[4], channel=tensors[5])
+            torch.testing.assert_close(y, _mixture_reference(*tensors, mconv), rtol=0, atol=1e-12)
+    assert not selector.is_exporting()
+    assert seen == ["bmm"] * 5 and measured == [] and selector.choices() == {}
 
 
 def test_policy_validation_and_environment(monkeypatch):

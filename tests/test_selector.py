@@ -28,6 +28,7 @@ class FakeRoutine(selector.Routine):
     algorithms = ("a", "b")
     canonical = "a"
     forced = {"folded": "b", "bmm": "b"}
+    batch_free = ("b",)  # what an export records
 
     def __init__(self, b_applies: bool = True):
         self.b_applies = b_applies
@@ -96,6 +97,40 @@ def test_precedence(fake_clock):
         assert selector.select(routine, tensors, None) == "b"  # measured: "b" is faster
         (entry,) = selector.choices().values()
         assert entry == {"algorithm": "b", "ms": {"a": 5.0, "b": 3.0}}
+
+
+def test_exporting_comes_after_counting_and_before_any_policy(fake_clock):
+    """Inside exporting() the routine's batch-independent algorithm runs at every batch size (batch 1 too) and
+    under every policy, nothing is timed; only MAC counting comes first. A routine that declares none says so."""
+    routine = FakeRoutine()
+    with selector.exporting():
+        for policy in ("measure", "model", "folded", "cells"):
+            with selector.policy(policy):
+                for batch in (1, 4):
+                    assert selector.select(routine, _tensors(batch), None) == "b", (policy, batch)
+        with selector.counting_macs():
+            assert selector.select(routine, _tensors(), None) == "a"
+        with pytest.raises(ValueError, match="fake: none of its batch-independent algorithms"):
+            selector.select(FakeRoutine(b_applies=False), _tensors(), None)
+    assert routine.calls["timed"] == routine.calls["cost_model"] == 0 and selector.choices() == {}
+    assert not selector.is_exporting()
+
+
+def test_torch_export_is_detected_without_the_context_manager():
+    """torch.export (what torch.onnx's exporter runs) and torch.jit tracing are export mode by themselves; an
+    eager call is not."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(selector.is_exporting())
+            return x + 1
+
+    x = torch.randn(2, 3)
+    torch.export.export(Probe(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.jit.trace(Probe(), (x,), check_trace=False)  # the check would re-run it eagerly
+    Probe()(x)
+    assert seen == [True, True, False]
 
 
 def test_cache_is_looked_up_before_any_candidate_is_built(fake_clock):

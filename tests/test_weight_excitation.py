@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from dynconv.backbones import BACKBONES
+from dynconv.backbones.timm_any import BY_MODEL_NAME
 from dynconv.backbones.video import VIDEO_BACKBONES
 from dynconv.build import build_backbone, make_operator
 from dynconv.config import ConfigError, validate_model_config
@@ -337,6 +338,8 @@ def test_bench_times_inference_on_the_folded_model():
 HEAVY = {"resnet152", "wide_resnet50_2", "resnext29_16x64d"}
 SLOW = {"convnext_tiny"}
 VIDEO = set(VIDEO_BACKBONES)  # clips, not images: tests/test_video_conv3d.py folds R3D-18 and TSM-ResNet18
+# backbone=timm needs backbone.model (tests/test_convert_any.py trains op=we on four such networks).
+NAMED = set(BY_MODEL_NAME)
 
 
 def _structure(model: nn.Module) -> dict[str, tuple]:
@@ -344,7 +347,7 @@ def _structure(model: nn.Module) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("backbone", [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [])
-                                      for name in BACKBONES.names() if name not in HEAVY | VIDEO])
+                                      for name in BACKBONES.names() if name not in HEAVY | VIDEO | NAMED])
 def test_folding_gives_the_baseline_model_with_the_same_outputs(backbone):
     """op=we (LWE on regular convolutions, MWE on depthwise ones): after one fold_for_inference call the model
     is the static baseline (plain nn.Conv2d, same state-dict keys and shapes, parameters, MACs and module

@@ -151,8 +151,12 @@ def supported_backbones() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _supported(names: tuple[str, ...]) -> tuple[str, ...]:
+    from dynconv.backbones.timm_any import BY_MODEL_NAME
+
     supported = []
     for name in names:
+        if name in BY_MODEL_NAME:  # backbone=timm: any network, of the generic family, which has no sites
+            continue
         with torch.device("meta"):
             backbone = BACKBONES.get(name)(num_classes=10, image_size=32)
         family = FAMILY_SITES.get(backbone.family)

@@ -24,6 +24,9 @@ class Place:
     role: str
     stage: int
     block: str | None
+    # Why the layer could not be placed (role "unplaced", the generic placement of a network dynconv did not build:
+    # dynconv/backbones/generic_placement.py); every operator then leaves it static with this reason.
+    reason: str = ""
 
 
 @dataclass(frozen=True)

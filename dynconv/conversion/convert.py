@@ -26,17 +26,25 @@ def describe_layers(backbone: Backbone) -> list[LayerInfo]:
     for name, module in backbone.net.named_modules():
         if isinstance(module, CONVERTIBLE):
             place = backbone.place(name, module)
-            layers.append(LayerInfo(name, module, place.role, place.stage, place.block, len(layers)))
+            layers.append(LayerInfo(name, module, place.role, place.stage, place.block, len(layers), place.reason))
     return layers
+
+
+def _unplaced(layer: LayerInfo) -> str | None:
+    """The reason a layer the backbone could not place stays static, whatever the operator."""
+    if layer.role != "unplaced":
+        return None
+    return f"not placed: {layer.unplaced or 'the backbone gives no place for it'}"
 
 
 def convert(backbone: Backbone, operator: Operator) -> list[Decision]:
     """Replace, in place, every layer the operator accepts; return one decision per layer."""
     decisions = []
     layers = describe_layers(backbone)
-    # A layer of a kind the operator cannot build (a Conv3d for a 2-D operator) is decided first and left out of
-    # its plan, so no cross-layer plan (KernelWarehouse's warehouses, DyNet's widths) ever meets a 3-D kernel.
-    unsupported = {layer.name: operator.unsupported(layer) for layer in layers}
+    # A layer of a kind the operator cannot build (a Conv3d for a 2-D operator), or one the backbone could not place
+    # (role "unplaced"), is decided first and left out of its plan, so no cross-layer plan (KernelWarehouse's
+    # warehouses, DyNet's widths) ever meets a 3-D kernel or a layer of unknown place.
+    unsupported = {layer.name: _unplaced(layer) or operator.unsupported(layer) for layer in layers}
     operator.prepare(backbone, [layer for layer in layers if unsupported[layer.name] is None])
     for layer in layers:
         reason = unsupported[layer.name] or operator.refuse(layer)

@@ -24,6 +24,7 @@ ROLES = (
     "attention",  # transformer projections (qkv, proj)
     "mlp",  # transformer MLP
     "classifier",  # the final Linear
+    "unplaced",  # a layer the generic placement could not place (LayerInfo.unplaced says why): always left static
 )
 
 
@@ -37,6 +38,7 @@ class LayerInfo:
     stage: int  # stage index (0 = stem), as the backbone family defines stages
     block: str | None  # qualified name of the block that holds the layer (shared routing, GAP sharing)
     index: int  # position among all convertible layers, in forward order
+    unplaced: str = ""  # role "unplaced": why the backbone could not place the layer (the reason it stays static)
 
     @property
     def is_conv(self) -> bool:

@@ -22,7 +22,8 @@ class DatasetSpec:
     embedded dataset, which is written on first use: that data.root holds nothing else); `locate(data_cfg)`
     returns the folder the loaders read (writing an embedded dataset there first); `recognise(folder)` says
     whether an existing folder looks like this dataset (cheap: names only, no file read), so that a data.root
-    given to the wrong `data=` can be answered with the right one."""
+    given to the wrong `data=` can be answered with the right one. `check_eval(data_cfg)`: the same check for
+    an evaluation, which reads the validation split only (eval.py on a folder without train/); None: `check`."""
 
     name: str
     kind: str
@@ -30,6 +31,7 @@ class DatasetSpec:
     locate: Callable[[Mapping[str, Any]], Path]
     embedded: bool = False
     recognise: Callable[[Path], bool] | None = None
+    check_eval: Callable[[Mapping[str, Any]], None] | None = None
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset", "data.name")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from dynconv.build import build_backbone
 from dynconv.config import ConfigError, validate_data_config, validate_model_config
-from dynconv.engine.checkpoint import ema_weights, load_checkpoint
+from dynconv.engine.checkpoint import checkpoint_in_run, ema_weights, load_checkpoint
 from dynconv.engine.distributed import init_distributed
 from dynconv.profiling import count_macs, count_params, fold_for_inference
 
@@ -27,6 +28,35 @@ def _merge_overrides(stored: dict[str, Any], cfg: DictConfig) -> DictConfig:
                                   f"(it has no task.{key}); allowed values: null")
             OmegaConf.update(run_cfg, f"{section}.{key}", value, force_add=True)
     return run_cfg
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """`checkpoint=` as a file: a checkpoint file as given, a run folder as its best checkpoint (`best.pt`, else
+    `last.pt`); a folder without either is a FileNotFoundError naming it."""
+    path = Path(str(checkpoint)).expanduser()
+    if path.is_dir():
+        found = checkpoint_in_run(path)
+        if found is None:
+            raise FileNotFoundError(f"checkpoint={checkpoint}: a folder without checkpoints/best.pt or "
+                                    "checkpoints/last.pt (pass a run folder of train.py or a checkpoint file)")
+        return found
+    return path
+
+
+def check_class_names(trained: list[str] | None, data: Any, path: Path) -> None:
+    """The evaluated split must name the classes the checkpoint was trained on, in the same order: labels are
+    indices into that list, so another folder set would score every image against a shifted label."""
+    from dynconv.engine.training_run import class_names
+
+    found = class_names(data)
+    if not trained or not found or list(trained) == list(found):
+        return
+    missing = [name for name in trained if name not in found][:5]
+    extra = [name for name in found if name not in trained][:5]
+    detail = f"missing: {missing}, not trained: {extra}" if missing or extra else "the same names in another order"
+    raise ConfigError(f"the evaluated data's classes differ from those {path} was trained on ({len(found)} vs "
+                      f"{len(trained)} classes; {detail}); "
+                      "point data.root at the dataset the run trained on")
 
 
 @dataclass
@@ -50,23 +80,25 @@ def load_for_evaluation(cfg: DictConfig, check_run_config: Callable[[DictConfig]
 
     if cfg.weights not in ("model", "ema"):
         raise ConfigError(f"weights={cfg.weights!r} is invalid; allowed values: model, ema")
-    payload = load_checkpoint(cfg.checkpoint)
+    path = resolve_checkpoint(cfg.checkpoint)
+    payload = load_checkpoint(path)
     run_cfg = _merge_overrides(payload["config"], cfg)
     validate_model_config(run_cfg)
-    validate_data_config(run_cfg)
+    validate_data_config(run_cfg, evaluation=True)
     if check_run_config is not None:
         check_run_config(run_cfg)
     state = payload["model"]
     if cfg.weights == "ema":
         ema_state = ema_weights(payload)
         if ema_state is None:
-            raise ConfigError(f"weights=ema but {cfg.checkpoint} holds no EMA weights (recipe.ema.enabled was false)")
+            raise ConfigError(f"weights=ema but {path} holds no EMA weights (recipe.ema.enabled was false)")
         state = ema_state
 
     dist = init_distributed(cfg.device)
     task_class = TASKS.get(run_cfg.task.name)
-    data = task_class.build_data(run_cfg.data, run_cfg.recipe, rank=dist.rank, world_size=dist.world_size,
-                                 seed=run_cfg.seed)
+    data = task_class.build_eval_data(run_cfg.data, run_cfg.recipe, rank=dist.rank, world_size=dist.world_size,
+                                      seed=run_cfg.seed)
+    check_class_names(payload.get("class_names"), data, path)
     built = build_backbone(run_cfg.backbone, OmegaConf.to_container(run_cfg.op, resolve=True), run_cfg.attn,
                            num_classes=data.num_classes, image_size=run_cfg.data.image_size)
     task = task_class(run_cfg.task, run_cfg.recipe, data.num_classes, data)
@@ -94,7 +126,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "macs": count_macs(model, input_size).total,
         "macs_inference": count_macs(folded, input_size).total,
         "input_size": list(input_size),
-        "checkpoint": str(cfg.checkpoint),
+        "checkpoint": str(resolve_checkpoint(cfg.checkpoint)),
         "weights": cfg.weights,
         "epoch": payload.get("epoch"),
         "world_size": dist.world_size,

@@ -27,6 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 # Top-level keys that do not change the trained model or its numbers: the same run whatever their value.
 IGNORED_KEYS = ("hydra", "resume", "log", "reproduce")
 HASH_LENGTH = 10
+# Keys added to the configs after runs were already named by this hash, at the value that trains exactly what the
+# config trained before the key existed: left out of the hash at that value, so rerunning the command of a run
+# started before the key existed still finds its folder (and resumes). Any other value changes the hash.
+NEUTRAL_ADDITIONS: dict[str, Any] = {"init_from_static": None, "op.layout": "paper"}
 
 
 def config_fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
@@ -36,8 +40,30 @@ def config_fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
                  for key in cfg if key not in IGNORED_KEYS}
     else:
         plain = {key: value for key, value in cfg.items() if key not in IGNORED_KEYS}
+    for dotted, neutral in NEUTRAL_ADDITIONS.items():
+        *parents, leaf = dotted.split(".")
+        section = plain
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
+            section = dict(section)  # a copy: the caller's config stays as it is
+            del section[leaf]
+            _replace(plain, parents, section)
     text = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def _replace(plain: dict[str, Any], parents: list[str], section: dict[str, Any]) -> None:
+    """Put `section` at `parents` in `plain`, copying the dictionaries on the way (the originals are not ours)."""
+    if not parents:
+        plain.clear()
+        plain.update(section)
+        return
+    node = plain
+    for parent in parents[:-1]:
+        node[parent] = dict(node[parent])
+        node = node[parent]
+    node[parents[-1]] = section
 
 
 def run_label(cfg: DictConfig) -> str:

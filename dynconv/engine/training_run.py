@@ -265,6 +265,24 @@ def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Pa
     return [hook for hook in hooks if hook is not None]
 
 
+def _start_from_static(backbone, source: str, resuming_from: Path | None, is_main: bool) -> None:
+    """`init_from_static`: the dynamic layers from a static network's weights (docs/pretrained.md). Only for a run's
+    first start: a resumed run continues from its own checkpoint. Weights that do not fit the backbone stop the run
+    as a bad config (exit 2), naming the keys."""
+    if resuming_from is not None:
+        if is_main:
+            log.info("init_from_static=%s not applied: the run resumes from %s", source, resuming_from)
+        return
+    from dynconv.pretrained import init_from_static
+
+    try:
+        report = init_from_static(backbone, source)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"init_from_static={source}: {error}") from None
+    if is_main:
+        log.info("initialised from the static weights %s:\n%s", source, report.summary())
+
+
 def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], int]:
     """Train as configured; return (final metrics for the JSON line, process exit code). `overrides`: the
     command line's overrides for the run record (default: Hydra's task overrides, inside a Hydra job)."""
@@ -318,6 +336,9 @@ def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload:
         skipped = load_backbone_weights(built.backbone, load_checkpoint(cfg.init_from), str(cfg.init_from))
         if dist.is_main:
             log.info("initialised from %s (skipped: %s)", cfg.init_from, ", ".join(skipped) or "nothing")
+    if cfg.get("init_from_static"):
+        _start_from_static(built.backbone, cfg.init_from_static, resume_path if payload is not None else None,
+                           dist.is_main)
     task = task_class(cfg.task, cfg.recipe, data.num_classes, data)
     model = task.build_model(built.backbone)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)

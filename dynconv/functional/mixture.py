@@ -87,6 +87,8 @@ class MixtureRoutine(selector.Routine):
     # A forced per-sample algorithm needs materialised kernels to run on.
     forced = {**{mode: mode for mode in selector.MIXTURE_MODES},
               **{name: "kernels" for name in selector.PER_SAMPLE_ALGORITHMS}}
+    # "fused" is not: its blocks of output channels are sized by the batch (`mixture_algorithms._blocks`).
+    batch_free = ("outputs", "kernels")
 
     def applicable(self, algorithm, tensors, params):
         x, spatial = tensors[0], tensors[4]
@@ -100,14 +102,14 @@ class MixtureRoutine(selector.Routine):
 
     def cost_model(self, tensors, params):
         """Kernels at batch 1 and with a spatial attention; else the cheaper of mixing kernels and outputs."""
-        x, experts, spatial = tensors[0], tensors[1], tensors[4]
+        x, spatial = tensors[0], tensors[4]
         if x.shape[0] == 1 or spatial is not None:
             return "kernels"
-        out_h, out_w = conv_output_size(x, experts.shape[-2:], *params[:3])
-        kernel_elements = experts[0].numel()  # O * C/g * kh * kw
-        conv_macs = x.shape[0] * kernel_elements * out_h * out_w
-        mix_kernels = x.shape[0] * kernel_elements * (experts.shape[0] + KERNEL_ELEMENT_COST) + conv_macs
-        return "kernels" if mix_kernels <= experts.shape[0] * conv_macs else "outputs"
+        return "kernels" if _kernels_cheaper(tensors, params) else "outputs"
+
+    def export_choice(self, tensors, params):
+        """The cost model without its batch-1 rule (an exported graph serves every batch size)."""
+        return "kernels" if tensors[4] is not None or _kernels_cheaper(tensors, params) else "outputs"
 
     def macs(self, tensors, params):
         x, experts = tensors[:2]
@@ -125,6 +127,16 @@ class MixtureRoutine(selector.Routine):
 
 
 MIXTURE = MixtureRoutine()
+
+
+def _kernels_cheaper(tensors, params) -> bool:
+    """Whether mixing the kernels costs at most mixing the outputs, per sample (the batch cancels): one
+    convolution plus each kernel element mixed from n and written (`KERNEL_ELEMENT_COST`), against n convolutions.
+    Per kernel element: n + KERNEL_ELEMENT_COST + P <= n * P, P the output positions."""
+    x, experts = tensors[:2]
+    out_h, out_w = conv_output_size(x, experts.shape[-2:], *params[:3])
+    positions, n = out_h * out_w, experts.shape[0]
+    return n + KERNEL_ELEMENT_COST + positions <= n * positions
 
 
 def _by_kernels(x, experts, coefficients, expert_bias, spatial, channel, stride, padding, dilation, groups):

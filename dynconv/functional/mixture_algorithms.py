@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dynconv.functional.im2col import im2col
+
 # Elements of one block of mixed kernels (B x block x K): 4M float32 = 16 MB, half of a 32 MB L3 and below the
 # mmap threshold. Measured on 2 CPU cores (ResNet18 layer3/layer4, batch 16): 4M beats 1M by ~1.4x (bigger
 # matmuls) and 8M by ~1.5x (the block no longer stays in cache).
@@ -142,7 +144,7 @@ def by_fused(x, experts, coefficients, expert_bias, spatial, channel, stride, pa
     if pointwise:
         columns = x.reshape(batch, channels, -1)  # a 1x1 convolution needs no im2col
     else:
-        columns = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        columns = im2col(x, (kh, kw), dilation, padding, stride)
     scale = tap_scale(spatial, channel, 1, channels, kh, kw)
     if scale is not None:
         positions = columns.shape[-1]

@@ -5,10 +5,15 @@ compute it:
 
 - "folded": the batch folded into the groups of one grouped convolution (B*O output channels, B*g groups);
   best when the output has many positions (early layers, detection resolutions) and on GPUs (cuDNN).
-- "bmm": im2col (`F.unfold`) and one batched matmul; on CPU far faster than a grouped convolution when the
-  output has few positions (late layers, small images), where the grouped kernels are poorly optimised.
+- "bmm": im2col (`dynconv.functional.im2col`) and one batched matmul (per group: a grouped or depthwise
+  convolution is a matmul per group on its own rows of the columns); on CPU far faster than a grouped
+  convolution when the output has few positions (late layers, small images), where the grouped kernels are
+  poorly optimised. It is also the batch-independent formulation that export records (`selector.exporting()`):
+  the batch stays the leading dimension of every tensor, where "folded" makes it a convolution's group count, a
+  constant in ONNX.
 - "loop": one convolution per sample; the plain reference, and sometimes the fastest at large resolutions.
-- batch size 1 always takes a plain convolution (also what export sees).
+- batch size 1 always takes a plain convolution, except while exporting (a branch on the batch size would
+  freeze the exported graph to one side of it).
 
 Which algorithm runs is `dynconv.functional.selector`'s decision (measured once per layer shape class and
 cached by default; the cost model below under torch.compile or with DYNCONV_CONV_ALGORITHM=model).
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.functional import kernel_capture, selector
+from dynconv.functional.im2col import im2col
 
 Algorithm = Literal["auto", "folded", "bmm", "loop"]
 ALGORITHMS = ("auto",) + selector.PER_SAMPLE_ALGORITHMS
@@ -82,11 +88,9 @@ def per_sample_conv2d(
         )
     if kernel_capture.active():  # analysis only (dynconv.analysis.kernel_export): the kernels this call applies
         kernel_capture.record(weight, bias, stride, padding, dilation, groups)
-    if batch == 1:
-        # No folding needed: a plain convolution, which also exports with a free batch dimension.
+    if not selector.is_exporting() and batch == 1:
+        # No folding needed: a plain convolution.
         return F.conv2d(x, weight[0], None if bias is None else bias[0], stride, padding, dilation, groups)
-    if algorithm == "bmm" and groups != 1:
-        raise ValueError("the bmm algorithm handles groups=1 only")
     tensors, geometry = (x, weight, bias), (stride, padding, dilation, groups)
     if algorithm == "auto":
         algorithm = selector.select(PER_SAMPLE, tensors, geometry)
@@ -100,9 +104,7 @@ class PerSampleRoutine(selector.Routine):
     algorithms = selector.PER_SAMPLE_ALGORITHMS
     canonical = "folded"
     forced = {name: name for name in selector.PER_SAMPLE_ALGORITHMS}
-
-    def applicable(self, algorithm, tensors, params):
-        return algorithm != "bmm" or params[3] == 1
+    batch_free = ("bmm",)
 
     def cost_model(self, tensors, params):
         x, weight, _ = tensors
@@ -116,6 +118,9 @@ class PerSampleRoutine(selector.Routine):
         return weight[0].numel() * x.shape[0] * out_h * out_w
 
     def timed(self, tensors, params):
+        # bmm is timed for groups = 1 only, as before it handled grouped layers (it was generalised for export): a
+        # depthwise layer is g products of 1 x 9 by 9 x P per sample, which a grouped convolution does in one call.
+        # Not measured against it, so training keeps its earlier candidates.
         names = ["folded"] + (["bmm"] if params[3] == 1 else [])
         return names + (["loop"] if tensors[0].shape[0] <= LOOP_MAX_BATCH else [])
 
@@ -138,8 +143,15 @@ def _loop(x, weight, bias, stride, padding, dilation, groups):
 def _bmm(x, weight, bias, stride, padding, dilation, groups):
     batch, out_channels = weight.shape[:2]
     out_h, out_w = conv_output_size(x, weight.shape[-2:], stride, padding, dilation)
-    columns = F.unfold(x, weight.shape[-2:], dilation=dilation, padding=padding, stride=stride)
-    out = torch.bmm(weight.reshape(batch, out_channels, -1), columns)
+    columns = im2col(x, weight.shape[-2:], dilation, padding, stride)
+    if groups == 1:
+        out = torch.bmm(weight.reshape(batch, out_channels, -1), columns)
+    else:
+        # The columns are channel-major (C*kh*kw rows, channel c's taps together), so group j's inputs are the
+        # j-th run of C/g*kh*kw rows: one matmul per (sample, group), (O/g x C/g*kh*kw) by (C/g*kh*kw x L).
+        columns = columns.view(batch, groups, -1, columns.shape[-1])
+        out = torch.matmul(weight.reshape(batch, groups, out_channels // groups, -1), columns)
+        out = out.reshape(batch, out_channels, -1)
     if bias is not None:
         out = out + bias.unsqueeze(-1)
     return out.view(batch, out_channels, out_h, out_w)

@@ -7,17 +7,22 @@ wins:
 
 1. **counting** (`counting_macs()`, what `dynconv.profiling.count_macs` runs under): the routine's papers'
    formulation (`Routine.canonical`), whatever the policy, so a MAC count never depends on it;
-2. **a forced policy** (DYNCONV_CONV_ALGORITHM=<algorithm>, or `policy(...)`): the algorithm it forces in this
+2. **exporting** (`exporting()`, what `dynconv.export` enters; also under `torch.export`, which the ONNX exporter
+   runs, and while `torch.jit` traces): the routine's batch-independent algorithm (`Routine.export_choice`), whatever
+   the policy: the graph being recorded must serve every batch size, so no algorithm that folds the batch into
+   convolution groups (ONNX's Conv takes its group count as a constant, onnx#3843), loops over the samples or
+   branches on the batch size may run, and the choice itself reads no batch size;
+3. **a forced policy** (DYNCONV_CONV_ALGORITHM=<algorithm>, or `policy(...)`): the algorithm it forces in this
    routine (`Routine.forced`), where it applies to the call;
-3. **no timing**: policy "model", a forced policy that does not apply here, tracing or torch.compile (timing
-   inside a graph is meaningless), `torch.use_deterministic_algorithms(True)`, a dispatch mode (FlopCounterMode
+4. **no timing**: policy "model", a forced policy that does not apply here, torch.compile (timing inside a graph
+   is meaningless), `torch.use_deterministic_algorithms(True)`, a dispatch mode (FlopCounterMode
    would count every candidate), meta/fake tensors: the routine's cost model;
-4. **batch 1**: the cost model (every routine's model gives its batch-1 algorithm; timing repeated calls at
+5. **batch 1**: the cost model (every routine's model gives its batch-1 algorithm; timing repeated calls at
    batch 1 measures warm caches, not the network's cold ones);
-5. **the measured cache**: the choice made earlier for this call's key (one key per layer shape class, looked up
+6. **the measured cache**: the choice made earlier for this call's key (one key per layer shape class, looked up
    before any candidate is built; a tuple of plain values, formatted only for reports by `describe`). Only
    shapes worth timing are ever measured: below `MEASURE_MIN_MACS` the cost model decides, without a key;
-6. a shape seen for the first time: every candidate is timed once on this call's tensors, and the fastest is
+7. a shape seen for the first time: every candidate is timed once on this call's tensors, and the fastest is
    cached (the cost model if none could run).
 
 Policies: "measure" (the default), "model", or an algorithm name: "folded", "bmm", "loop" (per-sample kernels),
@@ -83,9 +88,23 @@ class Routine:
     algorithms: tuple[str, ...] = ()
     canonical: str = ""  # what MAC counting evaluates: the papers' formulation
     forced: Mapping[str, str] = {}  # policy -> the algorithm of this routine it forces
+    # The algorithms whose recorded graph holds for every batch size (export), in order of preference: no batch
+    # folded into groups, no loop over the samples, no Python branch on the batch size.
+    batch_free: tuple[str, ...] = ()
 
     def applicable(self, algorithm: str, tensors: Tensors, params: Any) -> bool:
         return True
+
+    def export_choice(self, tensors: Tensors, params: Any) -> str:
+        """The algorithm an exported graph runs (precedence step 2): one of `batch_free`, decided without reading
+        the batch size (a comparison with a symbolic batch would specialise the graph). By default the first of
+        `batch_free` that applies to the call; a routine with a cost model of its own overrides this."""
+        for name in self.batch_free:
+            if self.applicable(name, tensors, params):
+                return name
+        declared = ", ".join(self.batch_free) or "none declared"
+        raise ValueError(f"{self.name}: none of its batch-independent algorithms ({declared}) applies to this call, "
+                         "so it cannot be exported with a dynamic batch")
 
     def cost_model(self, tensors: Tensors, params: Any) -> str:
         """The algorithm without timing (also at batch 1)."""
@@ -128,6 +147,7 @@ def _read_env() -> str:
 # Plain module globals (not ContextVars): torch.compile guards on module globals without a graph break.
 _policy = _read_env()
 _counting_depth = 0
+_exporting_depth = 0
 
 
 def set_policy(policy: str) -> None:
@@ -170,6 +190,25 @@ def is_counting_macs() -> bool:
     return _counting_depth > 0
 
 
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """Within this block every routine runs its batch-independent algorithm (precedence step 2), and the layers'
+    batch-1 shortcuts are off: what `dynconv.export` records must serve every batch size."""
+    global _exporting_depth
+    _exporting_depth += 1
+    try:
+        yield
+    finally:
+        _exporting_depth -= 1
+
+
+def is_exporting() -> bool:
+    """Whether a graph that must serve every batch size is being recorded: inside `exporting()`, under
+    `torch.export` (torch.onnx's exporter runs it too) or while `torch.jit` traces (the TorchScript exporter). Not
+    under torch.compile, which recompiles for a new batch size and may specialise freely."""
+    return _exporting_depth > 0 or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def clear_cache() -> None:
     """Forget every measured choice (the next call of each shape measures again)."""
     _cache.clear()
@@ -184,6 +223,8 @@ def select(routine: Routine, tensors: Tensors, params: Any) -> str:
     """The algorithm `routine` runs for this call, by the precedence of the module docstring."""
     if _counting_depth > 0:
         return routine.canonical
+    if is_exporting():
+        return routine.export_choice(tensors, params)
     if _policy != "measure":
         forced = routine.forced.get(_policy)
         if forced is not None and routine.applicable(forced, tensors, params):
@@ -215,7 +256,7 @@ def _bound(routine: Routine, name: str, params: Any) -> Callable[..., torch.Tens
 
 
 def _measuring_allowed(*tensors: torch.Tensor) -> bool:
-    """False where timing would be wrong, visible or unwanted (precedence step 3)."""
+    """False where timing would be wrong, visible or unwanted (precedence step 4)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.are_deterministic_algorithms_enabled():
         return False
     if any(t.device.type not in ("cpu", "cuda") for t in tensors):

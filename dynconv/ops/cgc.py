@@ -101,12 +101,32 @@ class ContextGate(nn.Module):
 
 
 class CGCConv2d(nn.Module):
-    """A drop-in for `conv` (an nn.Conv2d) whose kernel is gated per sample: y_b = (W ⊙ G_b) * x_b + bias.
+    """A drop-in for nn.Conv2d whose kernel is gated per sample: y_b = (W ⊙ G_b) * x_b + bias.
 
-    It keeps `conv`'s kernel and bias parameters, so they start where the backbone initialised them."""
+    `CGCConv2d(16, 32, 3, padding=1)` takes nn.Conv2d's arguments (its kernel and bias initialised as
+    nn.Conv2d's; `group_channels` defaults to configs/op/cgc.yaml's 16); `CGCConv2d.from_conv(conv)` keeps an
+    existing convolution's kernel and bias parameters, so they start where the backbone initialised them (what
+    op=cgc does)."""
 
-    def __init__(self, conv: nn.Conv2d, *, group_channels: int = 16):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, group_channels: int = 16):
         super().__init__()
+        self._adopt(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias),
+                    group_channels)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, group_channels: int = 16) -> "CGCConv2d":
+        """The gated layer of `conv`, sharing its kernel and bias parameters."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._adopt(conv, group_channels)
+        return layer
+
+    def _adopt(self, conv: nn.Conv2d, group_channels: int) -> None:
+        if math.prod(conv.kernel_size) == 1:
+            # One tap: a one-position context, which the gate's BatchNorms cannot normalise in a batch of one.
+            raise ValueError("CGC gates k x k kernels; a 1x1 convolution stays a plain one (as the release, and "
+                             "op=cgc, keep it)")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = tuple(conv.kernel_size)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
@@ -144,4 +164,4 @@ class CGCOperator(Operator):
         return reason
 
     def build(self, layer: LayerInfo) -> nn.Module:
-        return CGCConv2d(layer.module, group_channels=self.group_channels)
+        return CGCConv2d.from_conv(layer.module, group_channels=self.group_channels)

@@ -35,12 +35,13 @@ ROUTING_SCOPES = ("layer", "block")
 
 
 class CondConv2d(KernelBankConv2d):
-    """A drop-in for nn.Conv2d with `experts` kernels mixed per sample by sigmoid routing (`experts` defaults to
-    configs/op/condconv.yaml's 4, timm's)."""
+    """A drop-in for nn.Conv2d with `experts` kernels mixed per sample by sigmoid routing. The knobs default to
+    configs/op/condconv.yaml's (4 experts, timm's; the reference initialisation); `bias` to False, as the layer
+    is followed by a BatchNorm in every network the paper converts."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, experts: int = 4, own_routing: bool = True,
-                 weight_init: str = "pytorch"):
+                 weight_init: str = "reference"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          kernels=experts, bias=bias)
         # Without own routing, a block-level BlockRouting (linked with `link_shared`) gives r(x).

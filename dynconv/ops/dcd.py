@@ -61,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
+from dynconv.functional import selector
 from dynconv.functional.per_sample import per_sample_conv2d
 from dynconv.layers.batch_norm_affine import batch_norm_affine, uses_batch_statistics
 
@@ -75,6 +76,20 @@ def paper_latent(channels: int) -> int:
 def release_latent(channels: int, pool: int) -> int:
     """The release's L = floor(sqrt(p^2 C)), the square root of the pooled summary's size."""
     return math.isqrt(pool * pool * channels)
+
+
+def latent_size(rule: str | int, channels: int, pool: int) -> int:
+    """L of a layer with `channels` inputs under op.latent = `rule` (release | paper | an integer)."""
+    if rule == "release":
+        return release_latent(channels, pool)
+    if rule == "paper":
+        return paper_latent(channels)
+    return int(rule)
+
+
+def branch_width(channels: int, latent: int, pool: int, reduction: int, min_hidden: int) -> int:
+    """The dynamic branch's hidden width: max(p^2 C, L^2) // reduction, at least `min_hidden` (the release's)."""
+    return max(max(pool * pool * channels, latent * latent) // reduction, min_hidden)
 
 
 def scaled_hard_sigmoid(z: torch.Tensor) -> torch.Tensor:
@@ -140,12 +155,29 @@ def _is_centred(conv: nn.Conv2d) -> bool:
 
 
 class DCDConv2d(nn.Module):
-    """A drop-in for `conv` (groups = 1, centred padding): y_b = (Λ_b W_0 + centre(R_b)) * x_b + Λ_b b_0 + r_b.
+    """A drop-in for nn.Conv2d (groups = 1, centred padding): y_b = (Λ_b W_0 + centre(R_b)) * x_b + Λ_b b_0 + r_b.
 
-    It keeps `conv`'s kernel and bias parameters (W_0, b_0)."""
+    `DCDConv2d(16, 32, 3, padding=1)` takes nn.Conv2d's arguments (W_0 and b_0 initialised as nn.Conv2d's) and the
+    knobs of configs/op/dcd.yaml with its defaults; `DCDConv2d.from_conv(conv, latent=L, hidden=h, pool=p)` keeps
+    an existing convolution's kernel and bias parameters (W_0, b_0), what op=dcd does."""
 
-    def __init__(self, conv: nn.Conv2d, *, latent: int, hidden: int, pool: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, latent: str | int = "release", pool: int = 2,
+                 reduction: int = 16, min_hidden: int = 4):
         super().__init__()
+        size = latent_size(latent, in_channels, pool)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self._adopt(conv, size, branch_width(in_channels, size, pool, reduction, min_hidden), pool)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, latent: int, hidden: int, pool: int) -> "DCDConv2d":
+        """The DCD layer of `conv`, sharing its kernel and bias parameters (W_0, b_0)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._adopt(conv, latent, hidden, pool)
+        return layer
+
+    def _adopt(self, conv: nn.Conv2d, latent: int, hidden: int, pool: int) -> None:
         if conv.groups != 1 or not _is_centred(conv):
             raise ValueError(f"DCD needs groups=1 and an odd kernel padded to keep the map's size, got {conv}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -194,7 +226,7 @@ class DCDLinear(nn.Module):
         kernel = scale[:, :, None] * self.weight + matrix  # (B, O, C)
         if self.bias is not None:
             bias = bias + scale * self.bias
-        if x.shape[0] == 1:
+        if not selector.is_exporting() and x.shape[0] == 1:  # exported: one graph for every batch size
             return F.linear(x, kernel[0], bias[0])
         return torch.baddbmm(bias[:, :, None], kernel, x[:, :, None]).squeeze(-1)
 
@@ -219,11 +251,7 @@ class DCDOperator(Operator):
         self.classifier_latent = self.knobs.integer("classifier_latent")
 
     def latent_size(self, in_channels: int) -> int:
-        if self.latent == "release":
-            return release_latent(in_channels, self.pool)
-        if self.latent == "paper":
-            return paper_latent(in_channels)
-        return self.latent
+        return latent_size(self.latent, in_channels, self.pool)
 
     def refuse(self, layer: LayerInfo) -> str | None:
         if layer.role == "classifier" and not self.classifier:
@@ -245,6 +273,5 @@ class DCDOperator(Operator):
         if layer.is_linear:  # the release's DYCls: L and the branch width both `classifier_latent`
             return DCDLinear(layer.module, latent=self.classifier_latent, hidden=self.classifier_latent)
         latent = self.latent_size(layer.in_channels)
-        hidden = max(max(self.pool * self.pool * layer.in_channels, latent * latent) // self.reduction,
-                     self.min_hidden)
-        return DCDConv2d(layer.module, latent=latent, hidden=hidden, pool=self.pool)
+        hidden = branch_width(layer.in_channels, latent, self.pool, self.reduction, self.min_hidden)
+        return DCDConv2d.from_conv(layer.module, latent=latent, hidden=hidden, pool=self.pool)

@@ -76,11 +76,13 @@ class KernelAttention(TemperatureMixin, nn.Module):
 
 
 class DyConv2d(KernelBankConv2d):
-    """A drop-in for nn.Conv2d: K kernels aggregated per sample by softmax (or CAF) attention: W(x) * x + b(x)."""
+    """A drop-in for nn.Conv2d: K kernels aggregated per sample by softmax (or CAF) attention: W(x) * x + b(x).
+    The knobs default to configs/op/dyconv.yaml's (4 kernels, T 30 -> 1 over 10 epochs, the reference
+    initialisation)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, kernels: int = 4, reduction: float = 0.25,
-                 schedule: LinearTemperature = LinearTemperature(), weight_init: str = "pytorch",
+                 schedule: LinearTemperature = LinearTemperature(), weight_init: str = "reference",
                  caf: LinearTau | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          kernels=kernels, bias=bias)

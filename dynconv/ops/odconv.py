@@ -109,12 +109,16 @@ class OmniAttention(TemperatureMixin, nn.Module):
 
 
 class ODConv2d(KernelBankConv2d):
-    """A drop-in for nn.Conv2d (without bias) with omni-dimensional attention over n kernels."""
+    """A drop-in for nn.Conv2d (without bias) with omni-dimensional attention over n kernels. The knobs default to
+    configs/op/odconv.yaml's (1 kernel, hidden width C_in / 16 but at least 16, T 30 -> 1 over 10 epochs, the
+    reference initialisation)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, kernels: int = 1, reduction: float = 0.0625, min_hidden: int = 16,
-                 schedule: LinearTemperature = LinearTemperature(), weight_init: str = "pytorch",
-                 caf: LinearTau | None = None):
+                 groups: int = 1, bias: bool = False, kernels: int = 1, reduction: float = 0.0625,
+                 min_hidden: int = 16, schedule: LinearTemperature = LinearTemperature(),
+                 weight_init: str = "reference", caf: LinearTau | None = None):
+        if bias:  # nn.Conv2d's argument, taken so that the signature is nn.Conv2d's
+            raise ValueError("ODConv2d has no bias (as the paper: a BatchNorm follows it); pass bias=False")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          kernels=kernels, bias=False)
         self.attention = OmniAttention(in_channels, out_channels, self.kernel_size, groups, kernels, reduction,

@@ -80,10 +80,14 @@ def path_padding(padding: int, dilation: int, kernel: int, path_dilation: int) -
 
 
 class SKConv2d(nn.Module):
-    """A drop-in for a k x k nn.Conv2d: M paths (conv + BN) at different dilations, mixed per sample and channel."""
+    """A drop-in for a k x k nn.Conv2d: M paths (conv + BN) at different dilations, mixed per sample and channel.
+    The knobs default to configs/op/sk.yaml's (dilations 1 and 2, SKNet's r = 16 and L = 32)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, dilations: Sequence[int] = (1, 2), reduction: float = 1 / 16, min_hidden: int = 32):
+                 groups: int = 1, bias: bool = False, dilations: Sequence[int] = (1, 2), reduction: float = 1 / 16,
+                 min_hidden: int = 32):
+        if bias:  # nn.Conv2d's argument, taken so that the signature is nn.Conv2d's
+            raise ValueError("SKConv2d has no bias: each path ends in a BatchNorm, whose shift is the bias")
         super().__init__()
         kernel_size, padding, dilation = (_pair(v) for v in (kernel_size, padding, dilation))
         self.dilations = tuple(dilations)

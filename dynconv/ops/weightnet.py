@@ -40,6 +40,7 @@ from fractions import Fraction
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import _pair
 
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator, OperatorConfigError
 from dynconv.layers.kernel_bank import conv_geometry
@@ -53,6 +54,20 @@ GAP_SCOPES = ("layer", "block", "stage")
 def reduction_width(in_channels: int, reduction: int, min_hidden: int) -> int:
     """Width of FC_1: max(min_hidden, C // r) (the release's max(16, C // 16))."""
     return max(min_hidden, in_channels // reduction)
+
+
+def grouping(in_channels: int, out_channels: int, groups: int, kernel_size: tuple[int, ...], lam: int,
+             G: Fraction | float) -> tuple[int, int] | None:
+    """(M*C_out inputs, G*C_out groups) of the grouped FC of a layer of this shape (depthwise: lambda*C and C);
+    None when G does not fit it (G*C_out not an integer, or not dividing the kernel's elements)."""
+    if groups > 1 and groups == in_channels == out_channels:
+        return lam * out_channels, out_channels
+    per_output = (in_channels // groups) * math.prod(kernel_size)
+    wn_groups = Fraction(G).limit_denominator(4096) * out_channels
+    # G*C_out groups, each lambda inputs -> C_out*per_output/(G*C_out) kernel elements.
+    if wn_groups.denominator != 1 or (out_channels * per_output) % wn_groups.numerator:
+        return None
+    return lam * int(wn_groups), int(wn_groups)
 
 
 class ReduceGAP(nn.Module):
@@ -72,12 +87,23 @@ class WeightNetConv2d(nn.Module):
     `inputs` = M*C_out values of alpha, `wn_groups` = G*C_out groups of the grouped FC (depthwise: lambda*C
     and C). `hidden` is the width of FC_1. With `shared` False the layer owns FC_1 and pools its own input;
     otherwise a SharedInput of its block/stage gives FC_1(GAP(block input)) (see `link_shared`).
+    Left out, `inputs`, `wn_groups` and `hidden` follow from the knobs `lam`, `G`, `reduction` and `min_hidden`,
+    whose defaults are configs/op/weightnet.yaml's (the release's).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, inputs: int, wn_groups: int, hidden: int,
-                 shared: bool = False):
+                 groups: int = 1, bias: bool = False, *, inputs: int | None = None, wn_groups: int | None = None,
+                 hidden: int | None = None, shared: bool = False, lam: int = 1, G: float = 2, reduction: int = 16,
+                 min_hidden: int = 16):
         super().__init__()
+        kernel_size = _pair(kernel_size)
+        if inputs is None or wn_groups is None:
+            found = grouping(in_channels, out_channels, groups, kernel_size, lam, G)
+            if found is None:
+                raise ValueError(f"G={G} does not fit a {in_channels}->{out_channels} {kernel_size} convolution with "
+                                 f"groups={groups}: G*C_out must be an integer dividing the kernel's elements")
+            inputs, wn_groups = found
+        hidden = reduction_width(in_channels, reduction, min_hidden) if hidden is None else hidden
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
@@ -158,15 +184,11 @@ class WeightNetOperator(Operator):
 
     def grouping(self, layer: LayerInfo) -> tuple[int, int]:
         """(M*C_out, G*C_out) for the layer; OperatorConfigError naming the layer when G does not fit it."""
-        out_channels = layer.out_channels
-        if layer.is_depthwise:
-            return self.lam * out_channels, out_channels
-        per_output = (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
-        groups = self.G * out_channels
-        # G*C_out groups, each lambda inputs -> C_out*per_output/(G*C_out) kernel elements.
-        if groups.denominator != 1 or (out_channels * per_output) % groups.numerator:
+        found = grouping(layer.in_channels, layer.out_channels, layer.groups, layer.kernel_size, self.lam, self.G)
+        if found is None:
+            per_output = (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
             raise OperatorConfigError(self._bad_g_message(layer, per_output))
-        return self.lam * int(groups), int(groups)
+        return found
 
     def _bad_g_message(self, layer: LayerInfo, per_output: int) -> str:
         integer_choices = [g for g in range(1, 17) if per_output % g == 0]

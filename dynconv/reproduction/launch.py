@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynconv.paths import CHECKOUT_DIR
 from dynconv.reproduction.tables import Row, Table, load_table, merge_overrides, override_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +142,10 @@ def plan(table: Table, results: Path, *, rows: list[str] | None = None, smoke: b
 
 def command(job: Job, launcher: str, python: str = "python") -> list[str]:
     """`python train.py -m <overrides> hydra.sweep.dir=<results>/<table> hydra.sweep.subdir=<row>` (one job)."""
-    args = [python, str(REPO / "train.py") if python == sys.executable else "train.py", "-m"]
+    if CHECKOUT_DIR is None:  # an installed dynconv: no train.py, the module is the same entry point
+        args = [python, "-m", "dynconv.train", "-m"]
+    else:
+        args = [python, str(REPO / "train.py") if python == sys.executable else "train.py", "-m"]
     if launcher == "slurm":
         args.append("hydra/launcher=slurm")
     args += job.overrides

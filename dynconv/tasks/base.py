@@ -41,6 +41,13 @@ class Task:
         raise NotImplementedError
 
     @classmethod
+    def build_eval_data(cls, data_cfg: Mapping[str, Any], recipe: Mapping[str, Any], *, rank: int, world_size: int,
+                        seed: int):
+        """What an evaluation reads (eval.py): an object with val_loader and num_classes. By default the task's
+        `build_data`; a task whose validation split stands alone (classification) reads only that split."""
+        return cls.build_data(data_cfg, recipe, rank=rank, world_size=world_size, seed=seed)
+
+    @classmethod
     def validate_config(cls, cfg: Mapping[str, Any], backbone: nn.Module) -> None:
         """Refuse bad task knobs (ValueError naming `task.<key>` and the allowed values) before anything runs;
         `backbone` is the converted backbone, built on the meta device."""

@@ -44,7 +44,9 @@ def fuse_kernels(weight: torch.Tensor, coefficients: torch.Tensor) -> torch.Tens
     out_channels, group_size = weight.shape[:2]
     batch = coefficients.shape[0]
     flat = weight.reshape(out_channels, group_size, -1)
-    if batch == 1 and flat.shape[-1] <= BROADCAST_MAX_ELEMENTS and not selector.is_counting_macs():
+    # Exporting first: an exported graph serves every batch size, and comparing its symbolic batch would branch.
+    if (not selector.is_exporting() and batch == 1 and flat.shape[-1] <= BROADCAST_MAX_ELEMENTS
+            and not selector.is_counting_macs()):
         kernels = (coefficients[0].unsqueeze(-1) * flat).sum(dim=1)  # (C_out, K)
         return kernels.view(1, out_channels, *weight.shape[2:])
     kernels = torch.bmm(coefficients.transpose(0, 1), flat)  # (C_out, B, K)
@@ -101,20 +103,23 @@ class FusionRoutine(selector.Routine):
     canonical = "kernels"  # what the paper counts
     forced = {"outputs": "features", "kernels": "kernels", "fused": "kernels",
               **{name: "kernels" for name in selector.PER_SAMPLE_ALGORITHMS}}
+    batch_free = ("features", "kernels")  # both, once `fuse_kernels` skips its batch-1 branch while exporting
 
     def cost_model(self, tensors, params):
         """Kernel fusion at batch 1 (one plain convolution); else g convolutions' MACs for feature fusion
         against one convolution plus the per-sample kernels (generated, written and read, with their gradient;
         `KERNEL_ELEMENT_COST` MACs each)."""
-        x, weight = tensors[:2]
-        if x.shape[0] == 1:
+        if tensors[0].shape[0] == 1:
             return "kernels"
+        return self.export_choice(tensors, params)
+
+    def export_choice(self, tensors, params):
+        """The cost model without its batch-1 rule, per sample (the batch cancels): per kernel element,
+        P + g + KERNEL_ELEMENT_COST against g * P, P the output positions."""
+        x, weight = tensors[:2]
         out_h, out_w = conv_output_size(x, weight.shape[-2:], *params[:3])
-        batch, group_size = x.shape[0], weight.shape[1]
-        kernel_elements = weight[:, 0].numel()
-        conv_macs = batch * kernel_elements * out_h * out_w
-        kernels = conv_macs + batch * kernel_elements * (group_size + KERNEL_ELEMENT_COST)
-        return "kernels" if kernels < group_size * conv_macs else "features"
+        positions, group_size = out_h * out_w, weight.shape[1]
+        return "kernels" if positions + group_size + KERNEL_ELEMENT_COST < group_size * positions else "features"
 
     def macs(self, tensors, params):
         x, weight = tensors[:2]

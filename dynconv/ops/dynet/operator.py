@@ -41,6 +41,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import _pair
 
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator, OperatorConfigError
 from dynconv.knobs import is_number
@@ -73,16 +74,21 @@ class CoefficientPredictor(nn.Module):
 class DyNetConv2d(nn.Module):
     """A drop-in for nn.Conv2d: g fixed kernels per output channel, weight (C_out, g, C_in/groups, kh, kw).
 
-    Its coefficients are columns [start, stop) of its block's coefficient module (`link_shared`), or, with
-    `predictor`, of its own module on its own input.
+    Its coefficients are columns [start, stop) of its block's coefficient module (`shared=True`: linked later
+    with `link_shared`), or of its own module on its own input: `predictor`, else one of C_in * `reduction` hidden
+    units (0: one FC). The knobs default to configs/op/dynet.yaml's (g = 6, the fusion measured; its `auto`
+    reduction is 1/4 outside a network that states its own).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, *, g: int = 6, fusion: str = "auto",
-                 predictor: CoefficientPredictor | None = None):
+                 predictor: CoefficientPredictor | None = None, shared: bool = False,
+                 reduction: float = DEFAULT_REDUCTION):
         super().__init__()
+        if predictor is None and not shared:
+            predictor = CoefficientPredictor(in_channels, out_channels * g, int(in_channels * reduction))
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = tuple(kernel_size)
+        self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.g, self.fusion = g, fusion
         self.weight = nn.Parameter(torch.empty(out_channels, g, in_channels // groups, *self.kernel_size))
@@ -159,7 +165,7 @@ class DyNetOperator(Operator):
             predictor = CoefficientPredictor(layer.in_channels, layer.out_channels * self.g,
                                              self.hidden_width(layer.in_channels, f"layer '{layer.name}'"))
         return DyNetConv2d(**conv_geometry(layer.module), bias=layer.module.bias is not None, g=self.g,
-                           fusion=self.fusion, predictor=predictor)
+                           fusion=self.fusion, predictor=predictor, shared=predictor is None)
 
     def finalize(self, model: nn.Module, decisions) -> None:
         """One coefficient module per block, sized by all the block's dynamic layers; each layer gets its columns."""

@@ -20,9 +20,9 @@ Both give the same result up to rounding (tests/test_kw.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dynconv.functional import kernel_capture, selector
+from dynconv.functional.im2col import im2col
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 from dynconv.ops.kw.plan import LayerCells
 
@@ -59,7 +59,7 @@ def by_cells(x, alpha, cells, bias, layer) -> torch.Tensor:
     taps_per_cell = p.cell_kernel[0] * p.cell_kernel[1]
     out_h, out_w = conv_output_size(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     positions = out_h * out_w
-    columns = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    columns = im2col(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
     # (B, C*k*k, L), channel-major -> (B, L, S*Gi, ci*T): the taps S and input groups Gi are what alpha mixes.
     columns = columns.view(batch, p.in_groups, p.cell_in, p.spatial_groups, taps_per_cell, positions)
     columns = columns.permute(0, 5, 3, 1, 2, 4).reshape(batch, positions, p.spatial_groups * p.in_groups,
@@ -95,15 +95,19 @@ class WarehouseRoutine(selector.Routine):
     canonical = "assemble"
     forced = {**{name: name for name in selector.WAREHOUSE_ALGORITHMS},
               **{name: "assemble" for name in selector.PER_SAMPLE_ALGORITHMS}}
+    batch_free = ("cells", "assemble")  # "assemble" through per_sample_conv2d's batch-independent algorithm
 
     def applicable(self, algorithm, tensors, layer):
         return algorithm == "assemble" or layer.groups == 1
 
     def cost_model(self, tensors, layer):
-        x = tensors[0]
-        out_h, out_w = conv_output_size(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        return "assemble" if tensors[0].shape[0] == 1 else self.export_choice(tensors, layer)
+
+    def export_choice(self, tensors, layer):
+        """The cost model without its batch-1 rule: "cells" for an ungrouped layer with few output positions."""
+        out_h, out_w = conv_output_size(tensors[0], layer.kernel_size, layer.stride, layer.padding, layer.dilation)
         few_positions = out_h * out_w <= CELLS_MAX_OUTPUT_POSITIONS
-        return "cells" if layer.groups == 1 and x.shape[0] > 1 and few_positions else "assemble"
+        return "cells" if layer.groups == 1 and few_positions else "assemble"
 
     def macs(self, tensors, layer):
         x = tensors[0]

@@ -18,8 +18,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
-from dynconv.functional import kernel_capture
+from dynconv.functional import kernel_capture, selector
 from dynconv.ops.kw.apply import apply_warehouse_conv, assemble
 from dynconv.ops.kw.attention import KWAttention
 from dynconv.ops.kw.plan import LayerCells
@@ -60,16 +61,33 @@ class _KWLayer(nn.Module):
 
 
 class KWConv2d(_KWLayer):
-    """A drop-in for nn.Conv2d whose kernel is assembled per sample from a shared warehouse."""
+    """A drop-in for nn.Conv2d whose kernel is assembled per sample from a shared warehouse.
+
+    op=kw builds it with its `partition` and `attention` and links the stage's warehouse. Without them,
+    `KWConv2d(16, 32, 3, padding=1, **knobs)` is a layer with a warehouse of its own (registered as its child
+    `warehouse`), planned by op=kw for a network of this one layer with configs/op/kw.yaml's knobs (`knobs`
+    override them: `b=2`, `tau=0.5`): `standalone.py`."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, partition: LayerCells, attention: KWAttention):
+                 groups: int = 1, bias: bool = False, *, partition: LayerCells | None = None,
+                 attention: KWAttention | None = None, **knobs):
         super().__init__()
+        kernel_size = _pair(kernel_size)
+        warehouse = None
+        if partition is None or attention is None:
+            from dynconv.ops.kw.standalone import standalone_parts
+
+            partition, attention, warehouse = standalone_parts(in_channels, out_channels, kernel_size, stride,
+                                                               padding, dilation, groups, **knobs)
+        elif knobs:
+            raise TypeError(f"KWConv2d got knobs {sorted(knobs)} with a planned partition: they are op=kw's")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.kernel_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self._init_kw(partition, attention, bias, out_channels)
+        if warehouse is not None:
+            self.warehouse = warehouse  # its own: a child, saved and moved with the layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha, scales = self.attention(x.mean(dim=(2, 3)))
@@ -120,7 +138,7 @@ class KWLinear(_KWLayer):
         kernel, scales, _ = self.kernels(tokens.mean(dim=1))
         if scales is not None:
             tokens = tokens * scales["channel"][:, None, :]
-        if batch == 1:
+        if not selector.is_exporting() and batch == 1:  # exported: one graph for every batch size, no branch
             out = F.linear(tokens, kernel[0], self.bias)
         elif self.bias is None:
             out = torch.bmm(tokens, kernel.transpose(1, 2))

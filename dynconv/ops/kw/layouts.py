@@ -28,6 +28,12 @@ The layouts follow the paper's appendix and, where it is silent, the reference r
   1x rows to 0.1%; 4x and 3/4x differ by -2.3% / +1.9% (docs/ops/kw.md).
 - Any other backbone: one warehouse per stage for depth-wise layers and one for the rest, stem and classifier
   static.
+
+`op.layout=release` builds the release's own models where they differ from the paper's appendix: ConvNeXt-T as
+OSVAI/KernelWarehouse's `models/kw_convnext.py` with `configs/convnext/kw1x_convnext_tiny.json` (the third stage's
+nine blocks share one warehouse, attention reduction 1/16: its 39,370,674 parameters), so that its released
+checkpoint can be imported (`scripts/import_checkpoint.py`, docs/pretrained.md). ResNet and MobileNetV2 follow the
+release already (the same layout either way); the other backbones have no release and refuse it.
 """
 
 from __future__ import annotations
@@ -165,10 +171,26 @@ def _convnext_stage(layer: LayerInfo) -> str:
     return f"s3{'abc'[block // 3]}" if stage == 2 else f"s{stage + 1}"
 
 
+def _convnext_release_stage(layer: LayerInfo) -> str:
+    """The release's stages: timm's four, the third not cut (`kw_convnext.py` names warehouses by stage index)."""
+    return f"s{int(layer.name.split('.')[1]) + 1}"
+
+
 CONVNEXT_REDUCTION = 0.03125
+CONVNEXT_RELEASE_REDUCTION = 0.0625  # configs/convnext/kw1x_convnext_tiny.json of the release
 
 
 def convnext_layout(layers: list[LayerInfo], budget: Fraction) -> dict[str, Decision]:
+    # The module globals are read here, at call time (tests/test_parity_kw.py patches them).
+    return _convnext_plan(layers, budget, _convnext_stage, CONVNEXT_REDUCTION)
+
+
+def convnext_release_layout(layers: list[LayerInfo], budget: Fraction) -> dict[str, Decision]:
+    return _convnext_plan(layers, budget, _convnext_release_stage, CONVNEXT_RELEASE_REDUCTION)
+
+
+def _convnext_plan(layers: list[LayerInfo], budget: Fraction, stage_of: Callable[[LayerInfo], str],
+                   reduction: float) -> dict[str, Decision]:
     mixed = budget == MIXED_BUDGET
     plan: dict[str, Decision] = {}
     base = Fraction(1) if mixed else budget
@@ -176,16 +198,16 @@ def convnext_layout(layers: list[LayerInfo], budget: Fraction) -> dict[str, Deci
         if layer.role == "classifier":
             continue
         if layer.role == "stem":
-            plan[layer.name] = _uniform(base, CONVNEXT_REDUCTION, key="stem")
+            plan[layer.name] = _uniform(base, reduction, key="stem")
         elif layer.role == "downsample":
-            plan[layer.name] = _uniform(base, CONVNEXT_REDUCTION, key=f"downsample{layer.name.split('.')[1]}")
+            plan[layer.name] = _uniform(base, reduction, key=f"downsample{layer.name.split('.')[1]}")
         else:
-            stage = _convnext_stage(layer)
+            stage = stage_of(layer)
             kind = "dw" if layer.is_depthwise else "pw"
             if mixed and kind == "pw" and stage in ("s3c", "s4"):
-                plan[layer.name] = _uniform(HALF, CONVNEXT_REDUCTION, key=f"{stage}_pw")
+                plan[layer.name] = _uniform(HALF, reduction, key=f"{stage}_pw")
             else:
-                plan[layer.name] = _uniform(base, CONVNEXT_REDUCTION, key=f"{stage}_{kind}")
+                plan[layer.name] = _uniform(base, reduction, key=f"{stage}_{kind}")
     return plan
 
 
@@ -235,9 +257,21 @@ LAYOUTS = {
     "deit": Layout("deit", deit_layout, "layer"),
 }
 GENERIC = Layout("generic", generic_layout, "batch")
+# `op.layout=release`: the families the release has models for. Its ConvNeXt differs from the paper's appendix; its
+# ResNets and MobileNetV2s are the layouts above. The mixed budget 3/4 is the paper's (the release has only 1x).
+RELEASE_LAYOUTS = {"resnet": LAYOUTS["resnet"], "mobilenetv2": LAYOUTS["mobilenetv2"],
+                   "convnext": Layout("convnext_release", convnext_release_layout, "layer")}
+LAYOUT_SOURCES = ("paper", "release")
 
 
-def layout_for(family: str) -> Layout:
+def layout_for(family: str, source: str = "paper") -> Layout:
+    """The layout of a backbone family: the paper's (Appendix A.3) or, with `source="release"`, the release's."""
+    if source == "release":
+        if family not in RELEASE_LAYOUTS:
+            raise OperatorConfigError(
+                f"op.layout=release is invalid for a backbone of family {family}: the KernelWarehouse release has "
+                f"models of the families {', '.join(RELEASE_LAYOUTS)} only; allowed values: paper")
+        return RELEASE_LAYOUTS[family]
     return LAYOUTS.get(family, GENERIC)
 
 

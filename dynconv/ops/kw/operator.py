@@ -7,7 +7,7 @@ registered once in the backbone (`backbone.warehouses`). `build` then turns each
 mixtures, the warehouse size and its binary initial attentions beta.
 
 Knobs (configs/op/kw.yaml): b, partition, sharing, sharing_dims, attention, init, tau_epochs, tau, omni (KW*),
-reduction, nonlocal_basis, weight_init, keep_static.
+reduction, nonlocal_basis, layout (the paper's or the release's, `layouts.py`), weight_init, keep_static.
 
 Initialisation (`op.weight_init`, docs/initialisation.md). The attention is the release's either way
 (`KWAttention.reset_parameters`). The cells: OSVAI/KernelWarehouse's `Warehouse_Manager.allocate` draws each
@@ -31,7 +31,7 @@ from dynconv.layers.initialisation import read_weight_init
 from dynconv.layers.kernel_bank import conv_geometry
 from dynconv.ops.kw.attention import ATTENTION_FUNCTIONS, KWAttention
 from dynconv.ops.kw.layers import KWConv2d, KWLinear, SplitQKV, Warehouse, layer_fan_out, link_warehouse
-from dynconv.ops.kw.layouts import check_budget, layout_for
+from dynconv.ops.kw.layouts import LAYOUT_SOURCES, check_budget, layout_for
 from dynconv.ops.kw.plan import (INIT_STRATEGIES, Assignment, KernelShape, LayerCells, WarehouseSpec, beta_targets,
                                  parse_budget, partition)
 
@@ -76,6 +76,7 @@ class KernelWarehouseOperator(Operator):
         self.reduction = knobs.number_in("reduction", 0, 1, low_open=True, nullable=True)
         self.nonlocal_basis = knobs.number_in("nonlocal_basis", 0, 1, low_open=True, nullable=True)
         self.weight_init = read_weight_init(knobs)
+        self.layout_source = knobs.choice("layout", LAYOUT_SOURCES, default="paper")
         if self.sharing == "none" and (self.budget < 1 or self.budget.denominator != 1):
             raise OperatorConfigError(f"op.sharing=none needs a whole budget (every mixture owns b cells): op.b="
                                       f"{self.budget} is invalid with it; allowed values are 1, 2, 4")
@@ -86,7 +87,7 @@ class KernelWarehouseOperator(Operator):
     # ------------------------------------------------------------------------------------------- planning
 
     def prepare(self, backbone: nn.Module, layers: list[LayerInfo]) -> None:
-        layout = layout_for(backbone.family)
+        layout = layout_for(backbone.family, self.layout_source)
         check_budget(layout, self.budget, backbone.name)
         self.norm = layout.norm
         candidates = [layer for layer in layers if Operator.refuse(self, layer) is None]

@@ -14,6 +14,7 @@ from dynconv.tasks.classification.image_folder import validate_imagefolder_root
 
 KIND = "classification"
 IMAGEFOLDER_LAYOUT = "DIR/train/<class>/*, DIR/val/<class>/*"
+VAL_ONLY_LAYOUT = "DIR/val/<class>/* (an evaluation reads the val split only)"
 
 
 def _check_root(data_cfg: Mapping[str, Any], hint: str, layout: str, validate: Callable[[Any], Any]) -> None:
@@ -54,12 +55,17 @@ def _image_folder(name: str, hint: str = "", recognise: Callable[[Path], bool] |
         _check_root(data_cfg, hint, IMAGEFOLDER_LAYOUT,
                     lambda root: validate_imagefolder_root(root, strict=_strict(data_cfg)))
 
+    def check_eval(data_cfg: Mapping[str, Any]) -> None:
+        # eval.py reads only DIR/val/<class>/*: a copy of the validation split alone is enough.
+        _check_root(data_cfg, hint, VAL_ONLY_LAYOUT,
+                    lambda root: validate_imagefolder_root(root, splits=("val",), strict=_strict(data_cfg)))
+
     def locate(data_cfg: Mapping[str, Any]) -> Path:
         root = data_root(data_cfg)
         validate_imagefolder_root(root, strict=_strict(data_cfg))
         return root
 
-    return DatasetSpec(name, KIND, check, locate, recognise=recognise)
+    return DatasetSpec(name, KIND, check, locate, recognise=recognise, check_eval=check_eval)
 
 
 def _digits_image_size(data_cfg: Mapping[str, Any]) -> int:

@@ -33,6 +33,11 @@ EXPECTED_LAYOUT = (
     "expected the ImageNet layout DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg "
     f"(image extensions: {', '.join(IMG_EXTENSIONS)})"
 )
+# An evaluation (eval.py) reads the validation split alone.
+EXPECTED_VAL_LAYOUT = (
+    "an evaluation reads the val split only: expected DIR/val/<class>/*.jpg "
+    f"(image extensions: {', '.join(IMG_EXTENSIONS)})"
+)
 
 
 def _image_files_exist(class_dir: Path) -> bool:
@@ -53,22 +58,22 @@ def _empty_class_folders(split_dir: Path, classes: list[str]) -> list[str]:
     return [str(split_dir / name) for name in classes if not _image_files_exist(split_dir / name)]
 
 
-def _class_names(split_dir: Path, strict: bool = True) -> tuple[list[str], list[str]]:
+def _class_names(split_dir: Path, strict: bool = True, layout: str = EXPECTED_LAYOUT) -> tuple[list[str], list[str]]:
     """Validate one split directory; return its sorted class names and the class folders without images.
 
     strict: a class folder without images is an error; non-strict accepts it unless every folder is empty."""
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"image folder split not found: {split_dir} ({EXPECTED_LAYOUT})")
+        raise FileNotFoundError(f"image folder split not found: {split_dir} ({layout})")
     classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
     if not classes:
-        raise FileNotFoundError(f"no class folders in {split_dir} ({EXPECTED_LAYOUT})")
+        raise FileNotFoundError(f"no class folders in {split_dir} ({layout})")
     empty = _empty_class_folders(split_dir, classes)
     if len(empty) == len(classes):
-        raise FileNotFoundError(f"no images in any class folder of {split_dir} ({EXPECTED_LAYOUT}); data.root "
+        raise FileNotFoundError(f"no images in any class folder of {split_dir} ({layout}); data.root "
                                 "probably names the wrong folder")
     if empty and strict:
         raise FileNotFoundError(
-            f"class folders without images: {_shown(empty)} ({EXPECTED_LAYOUT}); add images to them, or set "
+            f"class folders without images: {_shown(empty)} ({layout}); add images to them, or set "
             "data.strict=false to keep them as classes without samples (their labels stay the same; a warning "
             "names them)")
     return classes, empty
@@ -86,9 +91,10 @@ def validate_imagefolder_root(root: str | os.PathLike, splits: tuple[str, ...] =
     split has no image).
     """
     root = Path(root).expanduser()
+    layout = EXPECTED_VAL_LAYOUT if tuple(splits) == ("val",) else EXPECTED_LAYOUT
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root not found: {root} ({EXPECTED_LAYOUT})")
-    per_split = {split: _class_names(root / split, strict)[0] for split in splits}
+        raise FileNotFoundError(f"dataset root not found: {root} ({layout})")
+    per_split = {split: _class_names(root / split, strict, layout)[0] for split in splits}
     reference_split, reference = next(iter(per_split.items()))
     for split, classes in per_split.items():
         if classes != reference:

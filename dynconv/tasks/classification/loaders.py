@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dynconv.data.checked_loader import CheckedDataLoader
 from dynconv.data.collate import collate_skip_corrupt
-from dynconv.data.datasets import dataset_for
+from dynconv.data.datasets import data_root, dataset_for
 from dynconv.data.errors import DataError
 from dynconv.data.loader_options import fixed_subset, worker_options
 from dynconv.data.seeded import EpochSampler, SeededDataset
@@ -33,9 +33,9 @@ class ClassificationData:
 
     ``empty_class_folders``: class folders kept without samples (data.strict=false), already warned about."""
 
-    train_loader: DataLoader
+    train_loader: DataLoader | None  # None for an evaluation (splits=("val",))
     val_loader: DataLoader
-    train_sampler: EpochSampler
+    train_sampler: EpochSampler | None
     num_classes: int
     empty_class_folders: list[str] = field(default_factory=list)
 
@@ -43,6 +43,16 @@ class ClassificationData:
 def _resolve_root(data_cfg: Mapping[str, Any]) -> Path:
     spec = dataset_for(data_cfg, "classification")
     return spec.locate(data_cfg)
+
+
+def _eval_root(data_cfg: Mapping[str, Any]) -> Path:
+    """The root an evaluation reads: an embedded dataset is located (written) as for training; a folder on disk
+    only needs its validation split (`DatasetSpec.check_eval` has checked it)."""
+    spec = dataset_for(data_cfg, "classification")
+    if spec.embedded or spec.check_eval is None:
+        return spec.locate(data_cfg)
+    spec.check_eval(data_cfg)
+    return data_root(data_cfg)
 
 
 def _limit(dataset, max_samples):
@@ -71,6 +81,25 @@ def _loader(dataset, sampler: EpochSampler, *, batch_size: int, drop_last: bool,
     )
 
 
+def _open_splits(data_cfg: Mapping[str, Any], aug_cfg: Mapping[str, Any], root: Path, strict: bool,
+                 splits: tuple[str, ...]) -> tuple[dict[str, Any], str, list[str], dict[str, str]]:
+    """The datasets of `splits` ("train", "val"): (datasets, where the classes were counted, empty class folders,
+    how each split is named in errors)."""
+    if str(data_cfg.get("name")).lower() == "cifar100":
+        # CIFAR's pickles (test = val split) with CIFAR's own pad-crop-flip augmentation.
+        files = {"train": "train", "val": "test"}
+        sets = {split: Cifar100(root, files[split], transform=cifar_transforms(data_cfg, aug_cfg, split == "train"))
+                for split in splits}
+        counted = f"{root / 'meta'} names {len(next(iter(sets.values())).classes)} classes"
+        return sets, counted, [], {split: f"the CIFAR-100 file {root / files[split]}" for split in splits}
+    sets = {split: RobustImageFolder(root / split, transform=build_transforms(data_cfg, aug_cfg, split == "train"),
+                                     strict=strict, defer_corrupt=True)
+            for split in splits}
+    counted = f"{root / splits[0]} has {len(sets[splits[0]].classes)} class folders"
+    empty = [name for dataset in sets.values() for name in dataset.empty_classes]
+    return sets, counted, empty, {split: f"the {split} split {root / split}" for split in splits}
+
+
 def build_classification_data(
     data_cfg: Mapping[str, Any],
     recipe_cfg: Mapping[str, Any],
@@ -79,6 +108,7 @@ def build_classification_data(
     world_size: int = 1,
     seed: int = 0,
     pin_memory: bool | None = None,
+    splits: tuple[str, ...] = ("train", "val"),
 ) -> ClassificationData:
     """Create train/val loaders for ``data_cfg.name`` in {digits, imagefolder, imagenet, cifar100}.
 
@@ -87,55 +117,45 @@ def build_classification_data(
     Val: not shuffled, sharded ``r::world_size`` without padding, so each
     sample is evaluated exactly once; ranks may get one sample more or less,
     so reduce metrics after the loop rather than with per-batch collectives.
+    ``splits=("val",)``: an evaluation, which reads the validation split only (no train/ needed; the train
+    loader and sampler are None).
     """
-    root = _resolve_root(data_cfg)
+    if splits not in (("train", "val"), ("val",)):
+        raise ValueError(f"splits={splits!r}; allowed: ('train', 'val'), ('val',)")
+    root = _resolve_root(data_cfg) if "train" in splits else _eval_root(data_cfg)
     strict = bool(data_cfg.get("strict", True))
     aug_cfg = recipe_cfg.get("aug") or {}
-    if str(data_cfg.get("name")).lower() == "cifar100":
-        # CIFAR's pickles (test = val split) with CIFAR's own pad-crop-flip augmentation.
-        train_set = Cifar100(root, "train", transform=cifar_transforms(data_cfg, aug_cfg, True))
-        val_set = Cifar100(root, "test", transform=cifar_transforms(data_cfg, aug_cfg, False))
-        counted = f"{root / 'meta'} names {len(train_set.classes)} classes"
-        empty: list[str] = []
-        sources = (f"the CIFAR-100 file {root / 'train'}", f"the CIFAR-100 file {root / 'test'}")
-    else:
-        train_set, val_set = (
-            RobustImageFolder(root / split, transform=build_transforms(data_cfg, aug_cfg, split == "train"),
-                              strict=strict, defer_corrupt=True)
-            for split in ("train", "val"))
-        counted = f"{root / 'train'} has {len(train_set.classes)} class folders"
-        empty = train_set.empty_classes + val_set.empty_classes
-        sources = (f"the train split {root / 'train'}", f"the val split {root / 'val'}")
-    if train_set.classes != val_set.classes:
+    sets, counted, empty, sources = _open_splits(data_cfg, aug_cfg, root, strict, splits)
+    if "train" in sets and sets["train"].classes != sets["val"].classes:
         # Labels are indices into the sorted class list; a mismatch would shift them.
         raise DataError(f"train and val classes differ under {root}; every class needs a folder in both splits")
 
-    num_classes = len(train_set.classes)
+    num_classes = len(sets[splits[0]].classes)
     configured = data_cfg.get("num_classes")
     if configured is not None and int(configured) != num_classes:
         raise DataError(f"data.num_classes={configured} but {counted}; pass data.num_classes={num_classes} "
                         "(or null to count them)")
 
-    train_set = _limit(train_set, data_cfg.get("max_train_samples"))
-    val_set = _limit(val_set, data_cfg.get("max_val_samples"))
-
+    val_set = _limit(sets["val"], data_cfg.get("max_val_samples"))
     common: dict[str, Any] = dict(seed=seed, strict=strict, **worker_options(data_cfg, pin_memory))
     batch_size = int(recipe_cfg.get("batch_size"))
     eval_batch_size = int(recipe_cfg.get("eval_batch_size") or 2 * batch_size)
-    drop_last = bool(recipe_cfg.get("drop_last", True))
-
-    train_sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size)
     val_sampler = EpochSampler(len(val_set), shuffle=False, seed=seed, rank=rank, world_size=world_size, pad=False)
     # The trainer counts and warns about skipped training images itself; nothing reports evaluation ones.
-    train_loader = _loader(train_set, train_sampler, batch_size=batch_size, drop_last=drop_last,
-                           source=sources[0], warn_skipped=False, **common)
-    val_loader = _loader(val_set, val_sampler, batch_size=eval_batch_size, drop_last=False, source=sources[1],
+    val_loader = _loader(val_set, val_sampler, batch_size=eval_batch_size, drop_last=False, source=sources["val"],
                          warn_skipped=True, **common)
-    if len(train_loader) == 0:
-        raise DataError(
-            f"training set too small: {train_sampler.num_samples} samples per rank < batch_size={batch_size} "
-            "with drop_last=True; lower recipe.batch_size or set recipe.drop_last=false"
-        )
+    train_loader = train_sampler = None
+    if "train" in sets:
+        train_set = _limit(sets["train"], data_cfg.get("max_train_samples"))
+        drop_last = bool(recipe_cfg.get("drop_last", True))
+        train_sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+        train_loader = _loader(train_set, train_sampler, batch_size=batch_size, drop_last=drop_last,
+                               source=sources["train"], warn_skipped=False, **common)
+        if len(train_loader) == 0:
+            raise DataError(
+                f"training set too small: {train_sampler.num_samples} samples per rank < batch_size={batch_size} "
+                "with drop_last=True; lower recipe.batch_size or set recipe.drop_last=false"
+            )
     return ClassificationData(
         train_loader=train_loader,
         val_loader=val_loader,

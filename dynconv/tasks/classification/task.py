@@ -46,6 +46,13 @@ class ClassificationTask(Task):
 
         return build_classification_data(data_cfg, recipe, rank=rank, world_size=world_size, seed=seed)
 
+    @classmethod
+    def build_eval_data(cls, data_cfg, recipe, *, rank, world_size, seed):
+        from dynconv.tasks.classification.loaders import build_classification_data
+
+        return build_classification_data(data_cfg, recipe, rank=rank, world_size=world_size, seed=seed,
+                                         splits=("val",))
+
     def build_model(self, backbone: nn.Module) -> nn.Module:
         return backbone  # the backbone keeps its own classifier (sized by num_classes)
 
