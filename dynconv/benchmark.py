@@ -36,14 +36,36 @@ BENCH_DEVICES = ("auto", "cpu", "cuda")
 # where the last stage still sees a 1x1 map. Warmup may be 0 (the first repeat then pays one-off costs).
 BENCH_MINIMUMS = {"batch": 1, "resolution": 32, "repeats": 1, "steps": 1, "warmup": 0, "num_classes": 1}
 # What each bench.mode times: "full" the training step and inference at the bench batch and at batch 1;
-# "latency" batch-1 eval inference only (deployment latency, DyNet's Table 2), nothing else to wait for.
-BENCH_MODES = {"full": ("train", "inference", "batch1"), "latency": ("batch1",)}
+# "latency" batch-1 eval inference only (deployment latency, DyNet's Table 2), nothing else to wait for;
+# "inference" eval inference at the inference batch only (throughput, KernelWarehouse's Table 12 FPS at batch 100);
+# "memory" times nothing: it measures peak memory instead (dynconv/peak_memory.py; KernelWarehouse's Table 16,
+# Weight Excitation's Table 1).
+BENCH_MODES = {"full": ("train", "inference", "batch1"), "latency": ("batch1",), "inference": ("inference",),
+               "memory": ()}
 
 
-def validate_bench_config(bench: Mapping[str, Any]) -> None:
+def check_run_settings(settings: Mapping[str, Any], context: str = "") -> None:
+    """The settings one measurement runs with (`bench.batch`, `bench.mode`, ...): the bench section itself, or a
+    suite row's merged settings (`context` then says which suite and row, after the message)."""
+    from dynconv.config import ConfigError
+    from dynconv.knobs import Knobs
+
+    knobs = Knobs(settings, "bench", error=ConfigError)
+    try:
+        for key, minimum in BENCH_MINIMUMS.items():
+            if key in settings:
+                knobs.integer(key, low=minimum)
+        knobs.integer("inference_batch", low=1, nullable=True)
+        knobs.choice("mode", tuple(BENCH_MODES), default="full")
+    except ConfigError as error:
+        raise ConfigError(f"{error}{context}") from None
+
+
+def validate_bench_config(bench: Mapping[str, Any], check_device: bool = True) -> None:
     """Reject `bench.*` values that cannot run (or would time nothing) before anything is built.
 
     Raises ConfigError naming the key and the allowed values, as every other config check does.
+    `check_device=False` leaves out whether the device is there (composing a documented CUDA command on a CPU).
     """
     from dynconv.config import ConfigError
     from dynconv.knobs import Knobs
@@ -51,14 +73,19 @@ def validate_bench_config(bench: Mapping[str, Any]) -> None:
     knobs = Knobs(bench, "bench", error=ConfigError)
     for key, minimum in BENCH_MINIMUMS.items():
         knobs.integer(key, low=minimum)
+    check_run_settings(bench)
     device = knobs.choice("device", BENCH_DEVICES)
-    if device == "cuda" and not torch.cuda.is_available():
+    if check_device and device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench.device='cuda' but no CUDA device is available; allowed values here: auto, cpu")
     knobs.flag("layers")
     layer = bench.get("layer")
     if layer is not None and not isinstance(layer, str):
         raise knobs.fail("layer", layer, "null or an fnmatch pattern of converted layer names")
-    knobs.choice("mode", tuple(BENCH_MODES), default="full")
+    mode = bench.get("mode", "full")
+    if mode == "memory" and (bench.get("layers") or layer is not None):
+        raise ConfigError("bench.layers/bench.layer time layers, which bench.mode='memory' does not; allowed values "
+                          "with bench.mode=memory: bench.layers=false, bench.layer=null")
+    _validate_suite_keys(bench, knobs)
     baseline = bench.get("baseline")
     if baseline is not None:
         from dynconv.backbones import BACKBONES
@@ -69,6 +96,37 @@ def validate_bench_config(bench: Mapping[str, Any]) -> None:
         if bench.get("layers") or layer is not None:
             raise ConfigError(f"bench.baseline={baseline!r} cannot be combined with bench.layers/bench.layer (layers "
                               "are compared by name with the same backbone); allowed values here: null")
+
+
+def _validate_suite_keys(bench: Mapping[str, Any], knobs) -> None:
+    """bench.suite (a file of configs/bench_suites/), bench.rows and bench.out (which only a suite reads)."""
+    from dynconv.bench_suites import suite_names
+    from dynconv.config import ConfigError
+
+    suite = bench.get("suite")
+    if suite is not None:
+        names = suite_names()
+        if not isinstance(suite, str) or suite not in names:
+            raise knobs.fail("suite", suite, f"null (one model against op=static) or a suite: {', '.join(names)}")
+        if bench.get("layers") or bench.get("layer") is not None:
+            raise ConfigError(f"bench.suite={suite!r} cannot be combined with bench.layers/bench.layer (time one model's "
+                              "layers without a suite); allowed values with a suite: bench.layers=false, bench.layer=null")
+        if bench.get("baseline") is not None:
+            raise ConfigError(f"bench.suite={suite!r} names each row's static model itself; allowed values of "
+                              "bench.baseline with a suite: null")
+    for key, example in (("rows", "[condconv8,kw1]"), ("out", "benchmarks/resnet18")):
+        value = bench.get(key)
+        if value is None:
+            continue
+        if suite is None:
+            raise knobs.fail(key, value, f"null (bench.{key} is read only with bench.suite=<name>)")
+        if key == "rows":
+            knobs.strings(key, example=example)
+            if not value:
+                raise knobs.fail(key, list(value), f"null (every row) or a non-empty list of row ids or fnmatch "
+                                                   f"patterns, e.g. {example}")
+        else:
+            knobs.text(key)
 
 
 def synchronize(device: torch.device) -> None:
@@ -136,6 +194,12 @@ def interleaved(
         if on_repeat:
             on_repeat(repeat, results)
     return results
+
+
+def images_per_second(batch: int, ms: float | None) -> float | None:
+    """Throughput (FPS, images/s) of a measurement that handles `batch` images in `ms` milliseconds: what
+    KernelWarehouse's Table 12 reports (inference at batch 100)."""
+    return None if ms is None else round(1000.0 * batch / ms, 3)
 
 
 def training_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,

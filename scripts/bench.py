@@ -4,19 +4,33 @@
     python scripts/bench.py ... bench.device=cuda        # on a GPU
     python scripts/bench.py ... bench.layers=true        # also every converted layer alone
     python scripts/bench.py backbone=dynet_mobile op=dynet bench.mode=latency bench.baseline=mobilenetv2_100
+    python scripts/bench.py backbone=resnet18 op=kw op.b=1 op.tau=0 bench.mode=memory   # peak memory
+    python scripts/bench.py bench.suite=resnet18                  # a whole table (configs/bench_suites/)
 
 Both models are built once (same backbone unless `bench.baseline` names another, same attn), fed the same input tensor,
 and timed interleaved (dynamic, static, dynamic, static, ...) after a warmup; every reported time is the
 median over `bench.repeats` repeats of the mean over `bench.steps` iterations. Measured:
 
 - train step: forward + cross-entropy + backward + SGD(momentum 0.9) step, train mode, batch `bench.batch`;
-- inference: eval mode, no_grad, batch `bench.batch` and batch 1 (the issue's target: batch-1 <= 1.2x).
+- inference: eval mode, no_grad, batch `bench.inference_batch` (null: `bench.batch`) and batch 1 (the issue's
+  target: batch-1 <= 1.2x).
   An operator whose work is training-only (Weight Excitation's weight parametrizations) is timed folded, as
   `dynconv.profiling.fold_for_inference` returns it; the JSON's `inference_folded` says so.
 
-`bench.mode=latency` times batch-1 eval inference only (the `batch1_*` keys; the others are null), and
-`bench.baseline=<backbone>` compares against that backbone with op=static instead of the model's own backbone:
-DyNet's Table 2 times Dy-mobile against MobileNetV2(1.0), Dy-ResNet18/50 against ResNet18/50.
+`bench.mode=latency` times batch-1 eval inference only (the `batch1_*` keys; the others are null),
+`bench.mode=inference` eval inference at `bench.inference_batch` only (throughput: KernelWarehouse's Table 12 FPS
+at batch 100), and `bench.baseline=<backbone>` compares against that backbone with op=static instead of the
+model's own backbone: DyNet's Table 2 times Dy-mobile against MobileNetV2(1.0), Dy-ResNet18/50 against ResNet18/50.
+Every time also comes as throughput, images per second at the batch it was taken at (`*_fps`).
+
+`bench.mode=memory` times nothing: it measures the peak memory of a training step (at `bench.batch`) and of
+inference (at `bench.inference_batch`), of the model and of the static model, each in a fresh child process
+(dynconv/peak_memory.py says why and what exactly: RSS growth on the CPU, max_memory_allocated on CUDA).
+
+`bench.suite=<name>` runs a whole table instead of one model: every row of configs/bench_suites/<name>.yaml
+against its static model (dynconv/bench_suites.py), prints a Markdown table and writes it with a JSON beside it
+(`bench.out`, default benchmarks/<name>); `bench.rows=[...]` runs some rows only. Settings given on the command
+line (`bench.batch=2 bench.resolution=32`) apply to every row; model overrides are refused (the suite names them).
 
 Dynamic layers pick their per-sample convolution algorithm per layer shape (`dynconv.functional.selector`):
 by default the first call of each shape times the candidates, which the warmup absorbs (with bench.warmup=0
@@ -26,16 +40,21 @@ choice instead, e.g. to time one algorithm against another.
 Prints a table, then, as the last stdout line, one JSON object: `train_step_ratio`, `inference_ratio`,
 `batch1_inference_ratio` (dynamic ms / static ms of the medians), the milliseconds behind them, peak memory,
 the settings, and `conv_algorithm_policy` / `conv_algorithms` (per layer shape: the algorithm chosen and each
-candidate's measured ms). Peak memory is CUDA-only (`max_memory_allocated`, the other model's resident tensors
-subtracted); on CPU it is null: process RSS mixes both models, the allocator's caches and everything
-imported, so it would not say what the operator costs.
+candidate's measured ms). `peak_memory_mb` is CUDA-only (`max_memory_allocated` around the timed runs, the other
+model's resident tensors subtracted); on CPU it is null: process RSS mixes both models, the allocator's caches
+and everything imported, so it would not say what the operator costs. `bench.mode=memory` measures it properly
+(`train_peak_mb`, `inference_peak_mb`). A suite's last line is one JSON object too, a row per suite row with the
+same keys (docs/benchmarks.md lists them).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import gc
 import json
 import sys
+import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +66,14 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 TRAIN_STEP = "forward + cross-entropy + backward + SGD(momentum=0.9) step"
+# Every timing and memory key of a result (the pair's JSON and each suite row): null where the mode skips it.
+TIMING_KEYS = ("train_step_ratio", "inference_ratio", "batch1_inference_ratio", "train_step_ms",
+               "static_train_step_ms", "inference_ms", "static_inference_ms", "batch1_inference_ms",
+               "static_batch1_inference_ms", "peak_memory_mb", "static_peak_memory_mb")
+FPS_KEYS = ("train_fps", "static_train_fps", "inference_fps", "static_inference_fps", "batch1_fps", "static_batch1_fps")
+MEMORY_KEYS = ("train_peak_mb", "static_train_peak_mb", "train_peak_ratio", "inference_peak_mb",
+               "static_inference_peak_mb", "inference_peak_ratio", "model_mb", "static_model_mb", "memory_measure",
+               "memory_peak_reset")
 
 
 def _fail(message: str) -> None:
@@ -54,14 +81,48 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def config(argv: list[str]):
-    """The composed, validated config of these command-line arguments (exit 2 on a bad one); nothing runs.
-    tests/test_docs_commands.py composes every documented command of this script through it."""
+def _compose(argv: list[str]):
     return compose_or_exit("bench", argv, validate="model")
 
 
+def _plan(cfg, argv: list[str]):
+    """A suite's plan (every row composed, settings merged); exit 2 on a bad suite, row, setting or override."""
+    from dynconv.bench_suites import cli_setting_keys, load_suite, plan_suite
+    from dynconv.config import ConfigError
+    from dynconv.reproduction.tables import override_key
+
+    suite = cfg.bench.suite
+    models = [arg for arg in argv if "=" in arg and not override_key(arg).startswith("bench.")]
+    if models:
+        _fail(f"bench.suite={suite!r} takes every model from configs/bench_suites/{suite}.yaml: remove "
+              f"{' '.join(models)}; allowed values with a suite: bench.* overrides (batch, resolution, rows, ...)")
+    rows = cfg.bench.get("rows")
+    try:
+        return plan_suite(load_suite(suite), cfg.bench, cli_setting_keys(argv),
+                          None if rows is None else list(rows))
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def config(argv: list[str]):
+    """The composed, validated config of these command-line arguments (exit 2 on a bad one); nothing runs.
+    tests/test_docs_commands.py composes every documented command of this script through it: a suite's rows are
+    composed too, and the bench keys checked (all but whether a CUDA device is there)."""
+    from dynconv import benchmark as bm
+    from dynconv.config import ConfigError
+
+    cfg = _compose(argv)
+    try:
+        bm.validate_bench_config(cfg.bench, check_device=False)
+    except ConfigError as error:
+        _fail(str(error))
+    if cfg.bench.get("suite") is not None:
+        _plan(cfg, argv)
+    return cfg
+
+
 def main(argv: list[str]) -> int:
-    cfg = config(argv)
+    cfg = _compose(argv)
     bench = cfg.bench
     from dynconv import benchmark as bm
     from dynconv.config import ConfigError
@@ -70,63 +131,70 @@ def main(argv: list[str]) -> int:
         bm.validate_bench_config(bench)
     except ConfigError as error:
         _fail(str(error))
-    from dynconv.build import build_backbone
-
     use_cuda = bench.device == "cuda" or (bench.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-    op_cfg = OmegaConf.to_container(cfg.op, resolve=True)
+    where = torch.cuda.get_device_name(device) if use_cuda else f"cpu, {torch.get_num_threads()} threads"
+    if bench.get("suite") is not None:
+        return run_suite(cfg, _plan(cfg, argv), argv, device, where)
+    return run_pair(cfg, device, where)
 
-    def build(op, backbone_cfg=cfg.backbone):
-        torch.manual_seed(0)
-        built = build_backbone(backbone_cfg, op, cfg.attn, num_classes=bench.num_classes,
-                               image_size=bench.resolution)
-        built.backbone.to(device)
-        return built
 
-    mode = bench.get("mode", "full")
-    baseline = bench.get("baseline") or cfg.backbone.name
-    baseline_cfg = {**OmegaConf.to_container(cfg.backbone, resolve=True), "name": baseline}
-    dynamic, static = build(op_cfg), build({"name": "static"}, baseline_cfg)
-    layer_decisions = select_layers(dynamic, bench) if bench.layers or bench.layer is not None else None
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+def build(parts, device, num_classes: int, resolution: int):
+    """One model of a comparison, built from its (backbone, op, attn) sections, on `device`."""
+    from dynconv.build import build_backbone
+
+    backbone, op, attn = parts
     torch.manual_seed(0)
-    inputs = torch.randn(bench.batch, 3, bench.resolution, bench.resolution, device=device)
-    targets = torch.randint(0, bench.num_classes, (bench.batch,), device=device)
-    single = inputs[:1].clone()
+    built = build_backbone(backbone, op, attn, num_classes=num_classes, image_size=resolution)
+    built.backbone.to(device)
+    return built
 
-    optimizers = {"dynamic": bm.make_optimizer(dynamic.backbone), "static": bm.make_optimizer(static.backbone)}
+
+def time_models(dynamic, static, optimizers, settings, device, num_classes: int, on_repeat=None):
+    """Time `dynamic` against `static` (built models) interleaved, as settings.mode asks.
+
+    Returns (results: candidate -> measurement -> Timed, inference_folded, CUDA peak MB per candidate or None).
+    `optimizers` holds each candidate's SGD (a suite's static model keeps its own across rows)."""
+    from dynconv import benchmark as bm
+
+    side = settings.resolution
+    torch.manual_seed(0)
+    inputs = torch.randn(settings.batch, 3, side, side, device=device)
+    targets = torch.randint(0, num_classes, (settings.batch,), device=device)
+    single = inputs[:1].clone()
+    batch_inputs = inputs if settings.inference_batch == settings.batch else \
+        torch.randn(settings.inference_batch, 3, side, side, device=device)
+
     models = {"dynamic": dynamic.backbone, "static": static.backbone}
     # Inference is timed on what deployment runs: training-only reparameterisations (op=lwe/mwe/we) folded.
     folded, inference_folded = bm.inference_model(dynamic.backbone)
     inference_models = {"dynamic": folded, "static": static.backbone}
-    candidates = {
-        name: {
-            "train": bm.training_step(model, inputs, targets, optimizers[name]),
-            "inference": bm.inference_step(inference_models[name], inputs),
-            "batch1": bm.inference_step(inference_models[name], single),
-        }
-        for name, model in models.items()
-    }
-    candidates = {name: {m: step for m, step in steps.items() if m in bm.BENCH_MODES[mode]}
-                  for name, steps in candidates.items()}
+    wanted = bm.BENCH_MODES[settings.mode]
+    candidates = {}
+    for name, model in models.items():
+        steps = {"train": lambda m=model, n=name: bm.training_step(m, inputs, targets, optimizers[n]),
+                 "inference": lambda n=name: bm.inference_step(inference_models[n], batch_inputs),
+                 "batch1": lambda n=name: bm.inference_step(inference_models[n], single)}
+        candidates[name] = {m: make() for m, make in steps.items() if m in wanted}
     memory = None
-    if use_cuda:
+    if device.type == "cuda":
         memory = bm.CudaPeakMemory(device, {name: (lambda n=name: bm.resident_bytes(models[n], optimizers[n]))
                                             for name in models})
+    results = bm.interleaved(candidates, device=device, repeats=settings.repeats, warmup=settings.warmup,
+                             steps=settings.steps, on_repeat=on_repeat, around=memory)
+    peak = None
+    if memory is not None:
+        peak = {name: round(value / 2**20, 1) for name, value in memory.peak_bytes.items()}
+    return results, inference_folded, peak
 
-    where = torch.cuda.get_device_name(device) if use_cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(dynamic.summary())
-    against = "" if baseline == cfg.backbone.name else f" (static: {baseline})"
-    print(f"{cfg.backbone.name}{against} at {bench.resolution}px, batch {bench.batch}, {where}"
-          f"{'' if mode == 'full' else f', mode {mode}'}: "
-          f"{bench.warmup} warmup + {bench.repeats} repeats x {bench.steps} steps, interleaved", flush=True)
 
-    def progress(repeat, results):
-        parts = [f"{m} {results['dynamic'][m].samples[-1]:.1f}/{results['static'][m].samples[-1]:.1f} ms"
-                 for m in results["dynamic"]]
-        print(f"repeat {repeat + 1}/{bench.repeats} (dynamic/static): " + ", ".join(parts), flush=True)
+def timing_keys(results, settings, peak) -> dict:
+    """The timing keys of a result (TIMING_KEYS, FPS_KEYS, per_repeat_ratios) from `time_models`' output."""
+    from dynconv import benchmark as bm
 
-    results = bm.interleaved(candidates, device=device, repeats=bench.repeats, warmup=bench.warmup,
-                             steps=bench.steps, on_repeat=progress, around=memory)
     ms = {name: {m: round(t.ms, 3) for m, t in timed.items()} for name, timed in results.items()}
     for timed in ms.values():  # measurements the mode skips are reported as null
         timed.update({m: None for m in bm.BENCH_MODES["full"] if m not in timed})
@@ -136,23 +204,13 @@ def main(argv: list[str]) -> int:
             return None
         return round(ms["dynamic"][measurement] / ms["static"][measurement], 4)
 
-    rows = [("train step", "train", bench.batch), ("inference", "inference", bench.batch),
-            ("inference", "batch1", 1)]
-    print(f"\n{'':24s} {'static ms':>12s} {'dynamic ms':>12s} {'ratio':>8s}")
-    for label, key, batch in [row for row in rows if row[1] in bm.BENCH_MODES[mode]]:
-        print(f"{label + f' (batch {batch})':24s} {ms['static'][key]:12.2f} {ms['dynamic'][key]:12.2f} "
-              f"{ratio(key):7.3f}x")
-
-    peak = {name: None for name in models}
-    if memory is not None:
-        peak = {name: round(value / 2**20, 1) for name, value in memory.peak_bytes.items()}
-        print(f"peak memory: static {peak['static']} MB, dynamic {peak['dynamic']} MB")
-
-    layer_rows = None
-    if layer_decisions is not None:
-        layer_rows = bench_layers(dynamic, static, layer_decisions, bench, device)
-
-    result = {
+    batches = {"train": settings.batch, "inference": settings.inference_batch, "batch1": 1}
+    fps = {}
+    for key, measurement in (("train_fps", "train"), ("inference_fps", "inference"), ("batch1_fps", "batch1")):
+        fps[key] = bm.images_per_second(batches[measurement], ms["dynamic"][measurement])
+        fps[f"static_{key}"] = bm.images_per_second(batches[measurement], ms["static"][measurement])
+    peak = peak or {"dynamic": None, "static": None}
+    return {
         "train_step_ratio": ratio("train"),
         "inference_ratio": ratio("inference"),
         "batch1_inference_ratio": ratio("batch1"),
@@ -164,8 +222,137 @@ def main(argv: list[str]) -> int:
         "static_batch1_inference_ms": ms["static"]["batch1"],
         "peak_memory_mb": peak["dynamic"],
         "static_peak_memory_mb": peak["static"],
+        **fps,
+        # Noise indicator: the ratio within each repeat (the two runs seconds apart). A wide spread means
+        # the machine was busy; the medians above are then less trustworthy than they look.
+        "per_repeat_ratios": {
+            key: [round(d / s, 4) for d, s in zip(results["dynamic"][m].samples, results["static"][m].samples)]
+            for key, m in (("train_step", "train"), ("inference", "inference"), ("batch1_inference", "batch1"))
+            if m in bm.BENCH_MODES[settings.mode]
+        },
+    }
+
+
+def memory_spec(parts, kind: str, settings, device, num_classes: int) -> dict:
+    """What a peak-memory child process measures (dynconv/peak_memory.py)."""
+    from dynconv.functional import selector
+
+    backbone, op, attn = parts
+    return {"backbone": backbone, "op": op, "attn": attn, "kind": kind, "num_classes": num_classes,
+            "batch": settings.batch if kind == "train" else settings.inference_batch,
+            "resolution": settings.resolution, "device": device.type, "warmup": settings.warmup,
+            "steps": settings.steps, "policy": selector.get_policy()}
+
+
+def measure_memory(spec: dict, label: str) -> dict:
+    from dynconv.peak_memory import measure
+
+    print(f"  peak memory: {label}, {spec['kind']} at batch {spec['batch']} (fresh process) ...", end=" ", flush=True)
+    result = measure(spec)
+    if "error" in result:
+        print(f"failed: {result['error']}", flush=True)
+    else:
+        print(f"{result['peak_bytes'] / 2**20:.1f} MB ({result['seconds']} s)", flush=True)
+    return result
+
+
+def memory_keys(peaks: dict) -> tuple[dict, list[str]]:
+    """MEMORY_KEYS from the child results {"dynamic"|"static": {"train"|"inference": result}}; and the errors."""
+    errors = [f"{who} {kind}: {r['error']}" for who, kinds in peaks.items() for kind, r in kinds.items() if "error" in r]
+
+    def mb(who: str, kind: str, key: str = "peak_bytes") -> float | None:
+        result = peaks[who][kind]
+        return None if "error" in result else round(result[key] / 2**20, 1)
+
+    def ratio(kind: str) -> float | None:
+        dynamic, static = mb("dynamic", kind), mb("static", kind)
+        return None if dynamic is None or not static else round(dynamic / static, 4)
+
+    def model_mb(who: str) -> float | None:  # the trained model's parameters and buffers (inference: folded)
+        return next((mb(who, kind, "model_bytes") for kind in ("train", "inference") if "error" not in peaks[who][kind]),
+                    None)
+
+    some = next((r for kinds in peaks.values() for r in kinds.values() if "error" not in r), {})
+    return {
+        "train_peak_mb": mb("dynamic", "train"),
+        "static_train_peak_mb": mb("static", "train"),
+        "train_peak_ratio": ratio("train"),
+        "inference_peak_mb": mb("dynamic", "inference"),
+        "static_inference_peak_mb": mb("static", "inference"),
+        "inference_peak_ratio": ratio("inference"),
+        "model_mb": model_mb("dynamic"),
+        "static_model_mb": model_mb("static"),
+        "memory_measure": some.get("measure"),
+        "memory_peak_reset": some.get("peak_reset"),
+    }, errors
+
+
+MEMORY_NOTES = {
+    "cpu_peak_rss_growth": "memory: peak RSS growth (VmHWM - VmRSS) over the warm and measured steps, in a fresh "
+                           "process per model and measurement, above the built model and its input",
+    "cuda_max_allocated": "memory: torch.cuda.max_memory_allocated over the warm and measured steps, in a fresh "
+                          "process per model and measurement (the model's parameters included)",
+}
+
+
+# ----------------------------------------------------------------------------------------------- one model
+
+
+def run_pair(cfg, device, where) -> int:
+    """One model against op=static (the script's behaviour without bench.suite)."""
+    from dynconv import benchmark as bm
+    from dynconv.bench_suites import Settings
+
+    bench = cfg.bench
+    settings = Settings.of(bench)
+    mode = settings.mode
+    parts = tuple(OmegaConf.to_container(cfg[s], resolve=True) for s in ("backbone", "op", "attn"))
+    baseline = bench.get("baseline") or cfg.backbone.name
+    static_parts = ({**parts[0], "name": baseline}, {"name": "static"}, parts[2])
+    if mode == "memory":
+        return run_pair_memory(cfg, parts, static_parts, settings, device, where, baseline)
+
+    dynamic = build(parts, device, bench.num_classes, bench.resolution)
+    static = build(static_parts, device, bench.num_classes, bench.resolution)
+    layer_decisions = select_layers(dynamic, bench) if bench.layers or bench.layer is not None else None
+    optimizers = {"dynamic": bm.make_optimizer(dynamic.backbone), "static": bm.make_optimizer(static.backbone)}
+
+    print(dynamic.summary())
+    against = "" if baseline == cfg.backbone.name else f" (static: {baseline})"
+    inference_batch = "" if settings.inference_batch == settings.batch else f" (inference {settings.inference_batch})"
+    print(f"{cfg.backbone.name}{against} at {bench.resolution}px, batch {bench.batch}{inference_batch}, {where}"
+          f"{'' if mode == 'full' else f', mode {mode}'}: "
+          f"{bench.warmup} warmup + {bench.repeats} repeats x {bench.steps} steps, interleaved", flush=True)
+
+    def progress(repeat, results):
+        parts = [f"{m} {results['dynamic'][m].samples[-1]:.1f}/{results['static'][m].samples[-1]:.1f} ms"
+                 for m in results["dynamic"]]
+        print(f"repeat {repeat + 1}/{bench.repeats} (dynamic/static): " + ", ".join(parts), flush=True)
+
+    results, inference_folded, peak = time_models(dynamic, static, optimizers, settings, device, bench.num_classes,
+                                                  on_repeat=progress)
+    timing = timing_keys(results, settings, peak)
+    labels = {"train": ("train step", "train_step", settings.batch),
+              "inference": ("inference", "inference", settings.inference_batch),
+              "batch1": ("inference", "batch1_inference", 1)}
+    print(f"\n{'':24s} {'static ms':>12s} {'dynamic ms':>12s} {'ratio':>8s}")
+    for measurement in bm.BENCH_MODES[mode]:
+        label, key, batch = labels[measurement]
+        print(f"{label + f' (batch {batch})':24s} {timing['static_' + key + '_ms']:12.2f} "
+              f"{timing[key + '_ms']:12.2f} {timing[key + '_ratio']:7.3f}x")
+    if peak is not None:
+        print(f"peak memory: static {peak['static']} MB, dynamic {peak['dynamic']} MB")
+
+    layer_rows = None
+    if layer_decisions is not None:
+        layer_rows = bench_layers(dynamic, static, layer_decisions, bench, device)
+
+    per_repeat = timing.pop("per_repeat_ratios")
+    fps = {key: timing.pop(key) for key in FPS_KEYS}
+    result = {
+        **timing,
         "batch": bench.batch,
-        "inference_batch": bench.batch,
+        "inference_batch": settings.inference_batch,
         "resolution": bench.resolution,
         "device": device.type,
         "device_name": where,
@@ -179,26 +366,222 @@ def main(argv: list[str]) -> int:
         "repeats": bench.repeats,
         "warmup": bench.warmup,
         "steps": bench.steps,
-        # Noise indicator: the ratio within each repeat (the two runs seconds apart). A wide spread means
-        # the machine was busy; the medians above are then less trustworthy than they look.
-        "per_repeat_ratios": {
-            key: [round(d / s, 4) for d, s in zip(results["dynamic"][m].samples, results["static"][m].samples)]
-            for key, m in (("train_step", "train"), ("inference", "inference"), ("batch1_inference", "batch1"))
-            if m in bm.BENCH_MODES[mode]
-        },
+        "per_repeat_ratios": per_repeat,
         "train_step": TRAIN_STEP,
-        "notes": None if use_cuda else "peak memory is measured on CUDA only (null on CPU)",
+        "notes": None if device.type == "cuda" else "peak memory is measured on CUDA only (null on CPU)",
+        **fps,
+        **{key: None for key in MEMORY_KEYS},
     }
     if layer_rows is not None:
         result["layers"] = layer_rows
+    print(json.dumps(_with_algorithms(result)))
+    return 0
+
+
+def run_pair_memory(cfg, parts, static_parts, settings, device, where, baseline) -> int:
+    """bench.mode=memory for one model: training and inference peaks of the model and of the static model."""
+    bench = cfg.bench
+    print(f"{cfg.backbone.name}{'' if baseline == cfg.backbone.name else f' (static: {baseline})'} at "
+          f"{settings.resolution}px, train batch {settings.batch}, inference batch {settings.inference_batch}, "
+          f"{where}, mode memory: {settings.warmup} warmup + {settings.steps} steps per measurement", flush=True)
+    peaks = {who: {kind: measure_memory(memory_spec(p, kind, settings, device, bench.num_classes), who)
+                   for kind in ("train", "inference")}
+             for who, p in (("dynamic", parts), ("static", static_parts))}
+    memory, errors = memory_keys(peaks)
+    print(f"\n{'':28s} {'static MB':>12s} {'dynamic MB':>12s} {'ratio':>8s}")
+    for label, key, batch in (("train step", "train", settings.batch),
+                              ("inference", "inference", settings.inference_batch)):
+        static, dynamic, ratio = (memory[f"static_{key}_peak_mb"], memory[f"{key}_peak_mb"],
+                                  memory[f"{key}_peak_ratio"])
+        print(f"{label + f' peak (batch {batch})':28s} {_cell(static, 12, 1)} {_cell(dynamic, 12, 1)} "
+              f"{_cell(ratio, 7, 3)}x")
+    dynamic_result = next((r for r in peaks["dynamic"].values() if "error" not in r), {})
+    from dynconv.build import make_operator
+
+    result = {
+        **{key: None for key in TIMING_KEYS},
+        "batch": settings.batch,
+        "inference_batch": settings.inference_batch,
+        "resolution": settings.resolution,
+        "device": device.type,
+        "device_name": where,
+        "backbone": cfg.backbone.name,
+        "op": make_operator(parts[1]).describe(),
+        "attn": cfg.attn.name,
+        "converted_layers": dynamic_result.get("converted_layers"),
+        "inference_folded": peaks["dynamic"]["inference"].get("inference_folded"),
+        "mode": "memory",
+        "baseline": baseline,
+        "repeats": settings.repeats,
+        "warmup": settings.warmup,
+        "steps": settings.steps,
+        "per_repeat_ratios": {},
+        "train_step": TRAIN_STEP,
+        "notes": "; ".join([MEMORY_NOTES.get(memory["memory_measure"], "memory: no measurement succeeded"), *errors]),
+        **{key: None for key in FPS_KEYS},
+        **memory,
+    }
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(json.dumps(_with_algorithms(result)))
+    return 1 if errors else 0
+
+
+def _cell(value, width: int, decimals: int) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{decimals}f}"
+
+
+def _with_algorithms(result: dict) -> dict:
     # What the per-sample convolution cache picked for each layer shape (and each candidate's measured ms):
     # explains a ratio, and shows whether a forced DYNCONV_CONV_ALGORITHM was in effect.
     from dynconv.functional import selector
 
     result["conv_algorithm_policy"] = selector.get_policy()
     result["conv_algorithms"] = selector.choices()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- a suite
+
+
+def run_suite(cfg, plan, argv, device, where) -> int:
+    """Every planned row against its static model; the Markdown table printed and written with the JSON."""
+    from dynconv import bench_report
+    from dynconv.bench_suites import cli_setting_keys
+
+    bench = cfg.bench
+    suite = plan.suite
+    started = time.perf_counter()
+    prefix = Path(bench.get("out") or f"benchmarks/{suite.name}")
+    statics: dict[tuple, dict] = {}  # (baseline key, resolution) -> its built model and optimizer (timing modes)
+    memory_cache: dict[tuple, dict] = {}  # (baseline key, kind, batch, resolution, steps) -> its child's result
+    rows = []
+    print(f"bench.suite={suite.name}: {suite.title}; {len(plan.rows)} rows, {where}", flush=True)
+    for index, row in enumerate(plan.rows):
+        s = row.settings
+        print(f"\n[{index + 1}/{len(plan.rows)}] {row.label} ({row.id}) against {row.baseline.label}: mode {s.mode}, "
+              f"batch {s.batch}" + ("" if s.inference_batch == s.batch else f" (inference {s.inference_batch})")
+              + f", {s.resolution}px", flush=True)
+        row_started = time.perf_counter()
+        out: dict = {}
+        try:
+            if s.mode == "memory":
+                out = suite_row_memory(row, device, bench.num_classes, memory_cache)
+            else:
+                out = suite_row_timing(row, statics, device, bench.num_classes)
+        except Exception as error:  # one row failing (out of memory, say) must not lose the others' results
+            traceback.print_exc()
+            out = {"error": f"{type(error).__name__}: {error}"}
+        rows.append(suite_row_result(row, out, round(time.perf_counter() - row_started, 1)))
+        later = {(r.baseline.key, r.settings.resolution) for r in plan.rows[index + 1:]}
+        for key in [k for k in statics if k not in later]:  # a static model no later row needs is freed
+            del statics[key]
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what a row that ran out of memory left cached goes back for the next
+
+    measures = {r["memory_measure"] for r in rows if r["memory_measure"]}
+    result = {
+        "suite": suite.name,
+        "title": suite.title,
+        "source": suite.source,
+        "table": suite.table,
+        "device": device.type,
+        "device_name": where,
+        "threads": torch.get_num_threads(),
+        "memory_measure": measures.pop() if len(measures) == 1 else None,
+        "command_line": {key: bench.get(key) for key in sorted(cli_setting_keys(argv))},
+        "rows": rows,
+        "errors": sum(1 for r in rows if r["error"]),
+        "seconds": round(time.perf_counter() - started, 1),
+        "train_step": TRAIN_STEP,
+        "markdown": None,
+        "json": None,
+    }
+    result["markdown"], result["json"] = (str(prefix.with_name(prefix.name + ext)) for ext in (".md", ".json"))
+    _with_algorithms(result)
+    md_path, json_path = bench_report.write(result, prefix)
+    print("\n" + bench_report.markdown(result))
+    print(f"wrote {md_path} and {json_path}")
     print(json.dumps(result))
-    return 0
+    return 1 if result["errors"] else 0
+
+
+def suite_row_timing(row, statics: dict, device, num_classes: int) -> dict:
+    """A timing-mode row: its model built now, the static model of its baseline built once and kept."""
+    from dynconv import benchmark as bm
+
+    s = row.settings
+    key = (row.baseline.key, s.resolution)  # a backbone built for another input size may differ (position embeddings)
+    if key not in statics:
+        static = build(row.baseline.parts(), device, num_classes, s.resolution)
+        statics[key] = {"built": static, "optimizer": bm.make_optimizer(static.backbone)}
+    static = statics[key]
+    dynamic = build(row.model.parts(), device, num_classes, s.resolution)
+    optimizers = {"dynamic": bm.make_optimizer(dynamic.backbone), "static": static["optimizer"]}
+
+    def progress(repeat, results):
+        parts = [f"{m} {results['dynamic'][m].samples[-1]:.1f}/{results['static'][m].samples[-1]:.1f} ms"
+                 for m in results["dynamic"]]
+        print(f"  repeat {repeat + 1}/{s.repeats} (model/static): " + ", ".join(parts), flush=True)
+
+    results, folded, peak = time_models(dynamic, static["built"], optimizers, s, device, num_classes, progress)
+    return {**timing_keys(results, s, peak), "op": dynamic.operator.describe(), "inference_folded": folded,
+            "converted_layers": sum(d.converted for d in dynamic.decisions)}
+
+
+def suite_row_memory(row, device, num_classes: int, cache: dict) -> dict:
+    """A memory-mode row: four child processes, the static model's two measured once per batch and resolution."""
+    from dynconv.build import make_operator
+
+    s = row.settings
+    peaks = {"dynamic": {}, "static": {}}
+    for kind in ("train", "inference"):
+        peaks["dynamic"][kind] = measure_memory(memory_spec(row.model.parts(), kind, s, device, num_classes), row.id)
+        spec = memory_spec(row.baseline.parts(), kind, s, device, num_classes)
+        key = (row.baseline.key, kind, spec["batch"], spec["resolution"], spec["warmup"], spec["steps"])
+        if key not in cache:
+            cache[key] = measure_memory(spec, row.baseline.id)
+        peaks["static"][kind] = cache[key]
+    memory, errors = memory_keys(peaks)
+    dynamic = next((r for r in peaks["dynamic"].values() if "error" not in r), {})
+    return {**memory, "op": make_operator(row.model.parts()[1]).describe(),
+            "inference_folded": peaks["dynamic"]["inference"].get("inference_folded"),
+            "converted_layers": dynamic.get("converted_layers"), "error": "; ".join(errors) or None}
+
+
+def suite_row_result(row, out: dict, seconds: float) -> dict:
+    """One row of the suite's JSON: always the same keys, null where the row's mode measured nothing."""
+    s = row.settings
+    cfg = row.model.cfg
+    return {
+        "id": row.id,
+        "label": row.label,
+        "overrides": row.model.overrides,
+        "baseline": row.baseline.id,
+        "baseline_label": row.baseline.label,
+        "baseline_overrides": row.baseline.overrides,
+        "backbone": cfg.backbone.name,
+        "op": out.get("op", cfg.op.name),
+        "attn": cfg.attn.name,
+        "converted_layers": out.get("converted_layers"),
+        "inference_folded": out.get("inference_folded"),
+        "mode": s.mode,
+        "batch": s.batch,
+        "inference_batch": s.inference_batch,
+        "resolution": s.resolution,
+        "repeats": s.repeats,
+        "warmup": s.warmup,
+        "steps": s.steps,
+        **{key: out.get(key) for key in (*TIMING_KEYS, *FPS_KEYS, *MEMORY_KEYS)},
+        "per_repeat_ratios": out.get("per_repeat_ratios", {}),
+        "paper": row.paper,
+        "paper_static": row.paper_static,
+        "paper_ratio": row.paper_ratio(),
+        "paper_units": row.paper_units,
+        "error": out.get("error"),
+        "seconds": seconds,
+    }
 
 
 def select_layers(dynamic, bench) -> list:

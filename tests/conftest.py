@@ -18,6 +18,22 @@ from typing import Any, Callable, Sequence
 
 import pytest
 
+# Every test measures for itself: no conv-algorithm choice stored by an earlier run (or by another test) on this
+# machine is read, and nothing is written to the user's cache (dynconv/functional/algorithm_store.py). Set before
+# dynconv is imported; subprocesses inherit it. The store's own tests point it at a temporary folder.
+os.environ["DYNCONV_ALGORITHM_CACHE"] = "off"
+os.environ.pop("DYNCONV_MEASURE_BUDGET_S", None)
+
+# Under pytest-xdist (pyproject's addopts: two workers on CI's two cores) each worker and the processes it starts
+# compute on one thread: two workers with two threads each on two cores make every parallel region wait for a
+# descheduled thread (oneDNN/OpenMP spin-waits), which ran some tests several times slower than serially.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 TRAIN_PY = REPO / "train.py"
@@ -56,6 +72,40 @@ def _collect_cycles_after_each_module():
     gc.collect()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+_FAILED_MODULES: set[str] = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        _FAILED_MODULES.add(item.module.__name__)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Callable[[str], Path]:
+    """`tmp_path_factory.mktemp` for module-scoped fixtures, removed when the module's tests all passed.
+
+    Why: pytest's "failed" retention policy (pyproject.toml) removes a passing test's `tmp_path` at once but keeps
+    what module fixtures made until the session ends, and the run folders here hold ResNet18 checkpoints
+    (~180 MB each with optimizer state): kept, they filled a CI machine's disk (ENOSPC in the checkpoint writer).
+    A module with a failure keeps its folders for inspection."""
+    import shutil
+
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        path = tmp_path_factory.mktemp(name)
+        made.append(path)
+        return path
+
+    yield mktemp
+    if request.module.__name__ not in _FAILED_MODULES:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # The fastest settings that still exercise the whole pipeline (loaders, train loop, eval, checkpoints).

@@ -49,9 +49,9 @@ def _execute(args, run_dir: Path | None, env):
 
 
 @pytest.fixture(scope="module")
-def outcomes(train_env, tmp_path_factory):
+def outcomes(train_env, module_tmp):
     """Run every invalid invocation (plus the first, valid half of the changed-model case) concurrently."""
-    root = tmp_path_factory.mktemp("bad-input")
+    root = module_tmp("bad-input")
     garbage = root / "garbage.pt"
     garbage.write_bytes(GARBAGE)
     cases = {**GROUP_CASES, **KEY_CASES, **VALUE_CASES,

@@ -71,8 +71,8 @@ def _write_coco(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def coco_root(tmp_path_factory) -> Path:
-    return _write_coco(tmp_path_factory.mktemp("coco") / "coco")
+def coco_root(module_tmp) -> Path:
+    return _write_coco(module_tmp("coco") / "coco")
 
 
 def _data_cfg(root, **overrides):

@@ -16,8 +16,8 @@ from dynconv.tasks.classification.digits import ensure_digits_imagefolder
 
 
 @pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    return ensure_digits_imagefolder(tmp_path_factory.mktemp("digits") / "digits", image_size=32)
+def digits_root(module_tmp) -> Path:
+    return ensure_digits_imagefolder(module_tmp("digits") / "digits", image_size=32)
 
 
 def _class_counts(split_dir: Path) -> Counter:

@@ -60,8 +60,8 @@ def _recipe_cfg(**overrides):
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data") / "digits")
+def digits_dir(module_tmp) -> str:
+    return str(module_tmp("data") / "digits")
 
 
 def test_digits_end_to_end(digits_dir):

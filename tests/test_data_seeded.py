@@ -41,8 +41,8 @@ class RngProbe(Dataset):
 
 
 @pytest.fixture(scope="module")
-def image_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imgs")
+def image_root(module_tmp) -> Path:
+    root = module_tmp("imgs")
     rng = np.random.default_rng(0)
     for i in range(N_IMAGES):
         cls_dir = root / "train" / f"c{i % 2}"

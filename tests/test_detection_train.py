@@ -38,9 +38,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def maskrcnn_run(run_train, tmp_path_factory):
+def maskrcnn_run(run_train, module_tmp):
     """One real 1-epoch Mask R-CNN (ResNet18 + CondConv 2x) run on 8 toy images, evaluated on 6."""
-    tmp = tmp_path_factory.mktemp("maskrcnn")
+    tmp = module_tmp("maskrcnn")
     completed, result = run_train(["task=maskrcnn", "op=condconv", "op.experts=2", *TINY], tmp, timeout=600)
     assert completed.returncode == 0, describe(completed)
     return tmp / "run", completed, result

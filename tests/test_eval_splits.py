@@ -18,10 +18,10 @@ from dynconv.config import ConfigError
 
 
 @pytest.fixture(scope="module")
-def imagefolder_run(tmp_path_factory, data_dir):
+def imagefolder_run(module_tmp, data_dir):
     """A run folder with a best.pt trained (here: saved untrained) on data=imagefolder over the digits tree, and a
     folder holding a copy of that tree's val/ split only."""
-    root = tmp_path_factory.mktemp("eval-splits")
+    root = module_tmp("eval-splits")
     run_dir = root / "run"
     make_checkpoint(run_dir / "checkpoints" / "best.pt", data_dir,
                     ["backbone=resnet18", "op=static", "data=imagefolder", f"data.root={data_dir / 'digits'}",

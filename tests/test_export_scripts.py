@@ -26,9 +26,9 @@ def _script(name: str):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, data_dir) -> dict[str, Path]:
+def checkpoints(module_tmp, data_dir) -> dict[str, Path]:
     """Run folders of untrained ResNet18 checkpoints (train.py's layout), one per operator."""
-    root = tmp_path_factory.mktemp("export-checkpoints")
+    root = module_tmp("export-checkpoints")
     return {op: make_checkpoint(root / op / "checkpoints" / "best.pt", data_dir, ["backbone=resnet18", f"op={op}"])
             .parents[1] for op in ("static", "condconv")}
 

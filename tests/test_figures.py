@@ -38,9 +38,9 @@ def png_written(path: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def kw_checkpoint(tmp_path_factory, data_dir):
+def kw_checkpoint(module_tmp, data_dir):
     # tau < 1: the attentions are the learnt ones, not the one-hot initialisation alone.
-    return make_checkpoint(tmp_path_factory.mktemp("kw") / "best.pt", data_dir, ["op=kw", "op.tau=0.5"])
+    return make_checkpoint(module_tmp("kw") / "best.pt", data_dir, ["op=kw", "op.tau=0.5"])
 
 
 def test_list_names_every_figure_and_a_bad_id_names_the_allowed_ones(tmp_path, train_env):

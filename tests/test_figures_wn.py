@@ -41,8 +41,8 @@ def _orthogonal_filters(model) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, data_dir):
-    root = tmp_path_factory.mktemp("wn")
+def checkpoints(module_tmp, data_dir):
+    root = module_tmp("wn")
     dynamic = make_checkpoint(root / "weightnet" / "checkpoints" / "best.pt", data_dir,
                               ["backbone=resnet18", "op=weightnet", "op.G=1", "recipe.eval_batch_size=8"],
                               model_edit=_identical_filters)

@@ -28,10 +28,10 @@ def not_sources(folder: str, names: list[str]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
+def installed(module_tmp):
     """The wheel of a copy of this tree (the copy keeps the clone free of build/ and egg-info), installed into a
     folder of its own; returns (install folder, environment that imports dynconv from there only)."""
-    root = tmp_path_factory.mktemp("install")
+    root = module_tmp("install")
     source = root / "source"
     shutil.copytree(REPO, source, ignore=not_sources)
     wheels = root / "wheels"

@@ -290,6 +290,7 @@ def measured(monkeypatch):
 
     monkeypatch.setattr(selector, "MEASURE_MIN_MACS", 0)
     monkeypatch.setattr(selector, "DROP_FACTOR", float("inf"))  # every candidate runs every round
+    monkeypatch.setattr(selector, "MEASURE_MAX_ROUNDS", selector.MEASURE_REPEATS)  # no extra rounds on noise
     monkeypatch.setattr(selector, "timer", counting_timer)
     selector.clear_cache()
     with selector.policy("measure"):

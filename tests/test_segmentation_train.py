@@ -23,8 +23,8 @@ TINY = ["task=segmentation", "data=toy_seg", "data.max_train_samples=16", "data.
 
 
 @pytest.fixture(scope="module")
-def segmentation_run(run_train, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("segmentation")
+def segmentation_run(run_train, module_tmp):
+    tmp = module_tmp("segmentation")
     completed, result = run_train(TINY, tmp, timeout=600)
     assert completed.returncode == 0, describe(completed)
     return tmp / "run", completed, result

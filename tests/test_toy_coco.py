@@ -16,8 +16,8 @@ from dynconv.tasks.detection.toy_coco import TOY_TRAIN_IMAGES, TOY_VAL_IMAGES, e
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    return ensure_toy_coco(tmp_path_factory.mktemp("toy") / "toy_coco")
+def toy_root(module_tmp) -> Path:
+    return ensure_toy_coco(module_tmp("toy") / "toy_coco")
 
 
 def _coco(root: Path, split: str) -> COCO:

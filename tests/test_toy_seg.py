@@ -20,8 +20,8 @@ from dynconv.tasks.segmentation.toy_seg import (
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    return ensure_toy_seg(tmp_path_factory.mktemp("toy") / "toy_seg")
+def toy_root(module_tmp) -> Path:
+    return ensure_toy_seg(module_tmp("toy") / "toy_seg")
 
 
 def test_voc_layout_counts_and_masks(toy_root):

@@ -15,9 +15,9 @@ RESULT_KEYS = {"top1", "top5", "loss", "best_top1", "epochs", "world_size", "run
 
 
 @pytest.fixture(scope="module")
-def smoke_run(run_train, tmp_path_factory):
+def smoke_run(run_train, module_tmp):
     """One real 2-epoch CondConv(2x) run on 128 digits; every test of this module inspects it."""
-    tmp = tmp_path_factory.mktemp("cli")
+    tmp = module_tmp("cli")
     completed, result = run_train([*CONDCONV2, *SMOKE, "log.every=1", "conv_algorithm=measure"], tmp)
     return completed, result, tmp / "run"
 

@@ -28,9 +28,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def video_run(run_train, tmp_path_factory):
+def video_run(run_train, module_tmp):
     """One real 1-epoch TSM-ResNet18 + CondConv (2 experts) run on 8 toy clips, evaluated on 8."""
-    tmp = tmp_path_factory.mktemp("video")
+    tmp = module_tmp("video")
     completed, result = run_train([*TINY, "op.experts=2"], tmp, timeout=600)
     assert completed.returncode == 0, describe(completed)
     return tmp / "run", completed, result

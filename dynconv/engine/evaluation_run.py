@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from dynconv.build import build_backbone
 from dynconv.config import ConfigError, validate_data_config, validate_model_config
 from dynconv.engine.checkpoint import checkpoint_in_run, ema_weights, load_checkpoint
+from dynconv.engine.eval_progress import with_progress
 from dynconv.engine.distributed import init_distributed
 from dynconv.profiling import count_macs, count_params, fold_for_inference
 
@@ -112,7 +113,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     loaded = load_for_evaluation(cfg)
     payload, run_cfg, dist, data, task, model = (loaded.payload, loaded.run_cfg, loaded.dist, loaded.data,
                                                  loaded.task, loaded.model)
-    metrics = task.evaluate(model, data.val_loader, dist.device, contextlib.nullcontext)
+    loader = with_progress(data.val_loader, dist.is_main and bool(cfg.get("progress_bar", True)))
+    metrics = task.evaluate(model, loader, dist.device, contextlib.nullcontext)
 
     # Detection: the test scale (the model resizes every image to it); classification: the training size; video:
     # a clip of data.num_frames frames (the task says).

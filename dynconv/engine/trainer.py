@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dynconv.engine.checkpoint import capture_rng_state, restore_rng_state
 from dynconv.engine.distributed import DistInfo, all_reduce_sum
+from dynconv.engine.eval_progress import with_progress
 from dynconv.engine.hooks import Hook
 from dynconv.engine.nonfinite import NonFiniteGuard, all_ranks_finite, grad_norm
 from dynconv.engine.shutdown import shutdown_iterator, shutdown_loader
@@ -61,8 +62,10 @@ class Trainer:
         max_nonfinite: int = 10,
         accum_steps: int = 1,
         log: logging.Logger | None = None,
+        eval_progress: bool = False,
     ):
         self.model = model
+        self.eval_progress = eval_progress  # a bar over the validation batches (main process, log.progress_bar)
         self.task = task
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -320,7 +323,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        metrics = self.task.evaluate(model, self.val_loader, self.dist.device, self.autocast, self.channels_last)
+        loader = with_progress(self.val_loader, self.eval_progress, f"eval {self.epoch + 1}/{self.epochs}")
+        metrics = self.task.evaluate(model, loader, self.dist.device, self.autocast, self.channels_last)
         model.train()
         return metrics
 

@@ -358,6 +358,7 @@ def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload:
         config=config_dict, amp_dtype=_amp_dtype(cfg.recipe.amp), clip_grad=cfg.recipe.clip_grad,
         channels_last=cfg.recipe.channels_last, compile_model=cfg.recipe.compile,
         max_nonfinite=cfg.nonfinite.max_consecutive, accum_steps=record["accum_steps"], log=log,
+        eval_progress=dist.is_main and bool(cfg.log.progress_bar),
     )
     trainer.register_hooks(default_hooks(cfg, model, scheduler, dist, run_dir, class_names(data)))
     from dynconv.engine.faults import fault_hooks

@@ -20,10 +20,13 @@ wins:
 5. **batch 1**: the cost model (every routine's model gives its batch-1 algorithm; timing repeated calls at
    batch 1 measures warm caches, not the network's cold ones);
 6. **the measured cache**: the choice made earlier for this call's key (one key per layer shape class, looked up
-   before any candidate is built; a tuple of plain values, formatted only for reports by `describe`). Only
-   shapes worth timing are ever measured: below `MEASURE_MIN_MACS` the cost model decides, without a key;
-7. a shape seen for the first time: every candidate is timed once on this call's tensors, and the fastest is
-   cached (the cost model if none could run).
+   before any candidate is built; a tuple of plain values, formatted only for reports by `describe`), then the
+   choice stored by an earlier run on this machine (`algorithm_store`: same CPU or GPU, thread count and torch).
+   Only shapes worth timing are ever measured: below `MEASURE_MIN_MACS` the cost model decides, without a key;
+7. a shape seen for the first time: every candidate is timed on this call's tensors and the fastest is cached,
+   and stored for later runs when the measurement was clean. The cost model's own pick stays unless another
+   candidate beats it by more than `MODEL_MARGIN`; once this process has spent `MEASURE_BUDGET_S` seconds
+   measuring, new shapes take the cost model (not cached: a later run may still measure them).
 
 Policies: "measure" (the default), "model", or an algorithm name: "folded", "bmm", "loop" (per-sample kernels),
 "kernels", "outputs", "fused" (mixtures), "assemble", "cells" (KernelWarehouse). A forced per-sample algorithm
@@ -31,9 +34,13 @@ also makes mixtures, DyNet and KernelWarehouse materialise their kernels, so the
 that runs. The policy comes from DYNCONV_CONV_ALGORITHM at import, `set_policy`, or the `policy` context
 manager (train.py applies the config's `conv_algorithm` that way and restores the previous policy after the run).
 
-How candidates are timed: one warm call each, then up to `MEASURE_REPEATS` rounds of one timed call per
+How candidates are timed: one warm call each, then at least `MEASURE_REPEATS` rounds of one timed call per
 candidate, alternating (the minimum counts: noise only ever adds time; a candidate `DROP_FACTOR` times slower
-than the best leaves the rounds early), with a device synchronisation around each on CUDA. The candidates run
+than the best leaves the rounds early), with a device synchronisation around each on CUDA. A busy machine (another
+process on a core, data-loader workers) makes single timings wrong by whole scheduler slices, and a one-shot
+choice then locked in losing algorithms: so rounds go on, up to `MEASURE_MAX_ROUNDS`, until the same candidate
+leads two rounds in a row and its two best timings agree within `STABLE_SPREAD`; a measurement that ends without
+that is used by this process but not stored for later runs. The candidates run
 on detached aliases of the call's tensors, so nothing is recorded into the caller's autograd graph and no
 `.grad` is touched. When the call needs gradients the timed call is forward *and* backward: the backward is two
 thirds of a training step and the algorithms differ most there. Measuring makes the first step of a ResNet18 at
@@ -57,12 +64,22 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from dynconv.functional import algorithm_store
+
 PER_SAMPLE_ALGORITHMS = ("folded", "bmm", "loop")
 MIXTURE_MODES = ("kernels", "outputs", "fused")
 WAREHOUSE_ALGORITHMS = ("assemble", "cells")
 POLICIES = ("measure", "model") + PER_SAMPLE_ALGORITHMS + MIXTURE_MODES + WAREHOUSE_ALGORITHMS
 ENV_VAR = "DYNCONV_CONV_ALGORITHM"
-MEASURE_REPEATS = 3
+MEASURE_REPEATS = 3  # the fewest timed rounds
+MEASURE_MAX_ROUNDS = 8  # the most, while the leader changes or its timings disagree (a busy machine)
+# A measurement is clean (and stored for later runs) when the leader's two best timings are within this ratio.
+STABLE_SPREAD = 1.1
+# The cost model's pick stays unless a candidate is faster by more than this: timing noise of a few percent
+# must not move a choice, and where two algorithms are that close the choice hardly matters.
+MODEL_MARGIN = 0.05
+# Seconds of measuring per process; after that, new shapes take the cost model (DYNCONV_MEASURE_BUDGET_S).
+MEASURE_BUDGET_S = float(os.environ.get("DYNCONV_MEASURE_BUDGET_S", "120"))
 # After each round, candidates more than this many times slower than the best so far stop being timed: on 2 CPU
 # cores "outputs" and early-layer "fused" lose by 4x or more, and timing them three times only costs.
 DROP_FACTOR = 2.5
@@ -132,9 +149,17 @@ class Choice:
 
     algorithm: str
     ms: dict[str, float]
+    source: str = "measured"  # "measured" in this process, "stored" by an earlier run (algorithm_store)
+    rounds: int = 0  # timed rounds it took ("stored": those of the run that measured it)
+    clean: bool = True  # the leader's timings agreed (see the module docstring); only clean choices are stored
+
+    def as_dict(self) -> dict:
+        return {"algorithm": self.algorithm, "ms": self.ms, "source": self.source, "rounds": self.rounds,
+                "clean": self.clean}
 
 
 _cache: dict[tuple, Choice] = {}
+_spent_measuring_s = 0.0
 
 
 def _read_env() -> str:
@@ -210,13 +235,23 @@ def is_exporting() -> bool:
 
 
 def clear_cache() -> None:
-    """Forget every measured choice (the next call of each shape measures again)."""
+    """Forget every choice this process made or read, and reset the measuring budget (the stored files stay: turn
+    them off with DYNCONV_ALGORITHM_CACHE=off, or delete `algorithm_store.folder()`)."""
+    global _spent_measuring_s
     _cache.clear()
+    algorithm_store.forget()
+    _spent_measuring_s = 0.0
 
 
 def choices() -> dict[str, dict]:
-    """The measured choices, keyed by a readable description of the shape (benchmark reports, run folders)."""
-    return {describe(key): {"algorithm": choice.algorithm, "ms": choice.ms} for key, choice in _cache.items()}
+    """The choices in use, keyed by a readable description of the shape (benchmark reports, run folders):
+    algorithm, each candidate's best ms, whether measured here or stored by an earlier run, rounds, clean."""
+    return {describe(key): choice.as_dict() for key, choice in _cache.items()}
+
+
+def seconds_spent_measuring() -> float:
+    """What timing candidates has cost this process so far (against `MEASURE_BUDGET_S`)."""
+    return _spent_measuring_s
 
 
 def select(routine: Routine, tensors: Tensors, params: Any) -> str:
@@ -244,11 +279,34 @@ def select(routine: Routine, tensors: Tensors, params: Any) -> str:
     if len(names) == 1:
         _cache[key] = Choice(names[0], {})
         return names[0]
+    text = describe(key)
+    stored = algorithm_store.lookup(x.device, text)
+    if stored is not None and stored["algorithm"] in names:
+        _cache[key] = Choice(stored["algorithm"], dict(stored.get("ms", {})), "stored", int(stored.get("rounds", 0)))
+        return stored["algorithm"]
+    if _spent_measuring_s >= MEASURE_BUDGET_S:
+        return model  # not cached: a later run, with budget left or the choice stored, may still measure it
+    choice = _measure(routine, names, model, tensors, params)
+    _cache[key] = choice
+    if choice.clean:
+        algorithm_store.remember(x.device, text, choice.as_dict())
+    return choice.algorithm
+
+
+def _measure(routine: Routine, names: list[str], model: str, tensors: Tensors, params: Any) -> Choice:
+    """Time the candidates; the fastest wins unless the cost model's pick is within `MODEL_MARGIN` of it."""
+    global _spent_measuring_s
+    started = time.perf_counter()
     candidates = {name: _bound(routine, name, params) for name in names}
-    timed = _time_candidates(candidates, tensors)
-    algorithm = min(timed, key=timed.get) if timed else model
-    _cache[key] = Choice(algorithm, {name: round(value, 4) for name, value in timed.items()})
-    return algorithm
+    samples, rounds, clean = _time_candidates(candidates, tensors)
+    _spent_measuring_s += time.perf_counter() - started
+    best = {name: min(values) for name, values in samples.items()}
+    if not best:
+        return Choice(model, {}, rounds=rounds, clean=False)
+    algorithm = min(best, key=best.get)
+    if model in best and best[model] <= (1.0 + MODEL_MARGIN) * best[algorithm]:
+        algorithm = model
+    return Choice(algorithm, {name: round(value, 4) for name, value in best.items()}, rounds=rounds, clean=clean)
 
 
 def _bound(routine: Routine, name: str, params: Any) -> Callable[..., torch.Tensor]:
@@ -320,12 +378,16 @@ def _pair_str(value) -> str:
     return f"{value}x{value}" if isinstance(value, int) else "x".join(map(str, value))
 
 
-def _time_candidates(candidates: dict[str, Callable[..., torch.Tensor]], inputs: Tensors) -> dict[str, float]:
-    """Best milliseconds of each candidate over `MEASURE_REPEATS` calls after one warm call each.
+def _time_candidates(candidates: dict[str, Callable[..., torch.Tensor]],
+                     inputs: Tensors) -> tuple[dict[str, list[float]], int, bool]:
+    """Each candidate's timed milliseconds, the rounds run, and whether the measurement was clean.
 
-    The candidates alternate (A, B, A, B, ...) so that a burst of load from another process hits all of
-    them rather than whichever happened to run then; the minimum is kept, as noise only ever adds time.
-    A candidate that fails (e.g. out of memory on the GPU) is dropped.
+    One warm call each, then rounds of one timed call per candidate. The candidates alternate (A, B, A, B, ...) so
+    that a burst of load from another process hits all of them rather than whichever happened to run then; the
+    minimum is what counts, as noise only ever adds time. After `MEASURE_REPEATS` rounds it stops as soon as the
+    same candidate led the last two rounds and its two best timings agree within `STABLE_SPREAD` (clean); else it
+    goes on up to `MEASURE_MAX_ROUNDS` (not clean, if still unsettled). A candidate that fails (e.g. out of memory
+    on the GPU) is dropped.
     """
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     # detach(): a new leaf sharing storage; the caller's graph and parameters' .grad are never reached.
@@ -341,24 +403,44 @@ def _time_candidates(candidates: dict[str, Callable[..., torch.Tensor]], inputs:
             with torch.no_grad():
                 fn(*leaves)
 
-    best: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
     for name, fn in candidates.items():
         try:
             call(fn)  # warm: lazy initialisation, allocator, and any nested routine's own measurement
         except (RuntimeError, MemoryError):  # e.g. CUDA out of memory: this candidate cannot win
             continue
-        best[name] = float("inf")
-    running = list(best)
-    for _ in range(MEASURE_REPEATS if running else 0):
+        samples[name] = []
+    running, leaders, rounds = list(samples), [], 0
+    while running and rounds < max(MEASURE_MAX_ROUNDS, MEASURE_REPEATS):
         for name in running:
             _synchronize(device)
             start = timer()
             call(candidates[name])
             _synchronize(device)
-            best[name] = min(best[name], 1000.0 * (timer() - start))
-        fastest = min(best[name] for name in running)
+            samples[name].append(1000.0 * (timer() - start))
+        rounds += 1
+        best = {name: min(samples[name]) for name in running}
+        fastest = min(best.values())
         running = [name for name in running if best[name] <= DROP_FACTOR * fastest]
-    return best
+        leaders.append(min(best, key=best.get))
+        if rounds >= MEASURE_REPEATS and _settled(samples, leaders, running):
+            return samples, rounds, True
+    return samples, rounds, bool(leaders) and _settled(samples, leaders, running)
+
+
+def _settled(samples: dict[str, list[float]], leaders: list[str], running: list[str]) -> bool:
+    """The leader is decided (the same in the last two rounds, or the only candidate left) and its two best
+    timings agree within `STABLE_SPREAD`."""
+    leader = leaders[-1]
+    decided = len(running) == 1 or (len(leaders) >= 2 and leaders[-2] == leader)
+    return decided and _agree(samples[leader])
+
+
+def _agree(values: list[float]) -> bool:
+    if len(values) < 2:
+        return False
+    first, second = sorted(values)[:2]
+    return second <= STABLE_SPREAD * first
 
 
 def _synchronize(device: torch.device) -> None:
