@@ -69,6 +69,17 @@ def _fail(run_dir: Path, error: BaseException, exit_code: int) -> None:
     sys.exit(exit_code)
 
 
+def _keep_large_buffers() -> None:
+    """glibc keeps freed large buffers for the next step instead of unmapping them (dynconv/allocator.py:
+    DYNCONV_MALLOC=retain|default); an invalid value stops the run as a bad config."""
+    from dynconv import allocator
+
+    try:
+        allocator.apply()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     from dynconv.engine.training_run import run_training
@@ -78,6 +89,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         reject_added_keys(HydraConfig.get().overrides.task, "train")  # `+recipe.epoch=1`: a key nothing reads
+        _keep_large_buffers()
         result, exit_code = run_training(cfg, run_dir)
     except (ConfigError, CorruptCheckpointError) as error:
         _remove_if_empty(run_dir)

@@ -131,6 +131,14 @@ def main(argv: list[str]) -> int:
         bm.validate_bench_config(bench)
     except ConfigError as error:
         _fail(str(error))
+    from dynconv.functional import selector
+
+    # A benchmark times every model with its best algorithms: no measuring budget. A training run's cap holds per
+    # process, and a suite builds several models in one: its later rows were left on the cost model.
+    selector.MEASURE_BUDGET_S = float("inf")
+    from dynconv import allocator
+
+    allocator.apply()  # the same allocator settings as train.py (DYNCONV_MALLOC)
     use_cuda = bench.device == "cuda" or (bench.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     where = torch.cuda.get_device_name(device) if use_cuda else f"cpu, {torch.get_num_threads()} threads"

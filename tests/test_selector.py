@@ -96,7 +96,8 @@ def test_precedence(fake_clock):
         assert selector.choices() == {}
         assert selector.select(routine, tensors, None) == "b"  # measured: "b" is faster
         (entry,) = selector.choices().values()
-        assert entry == {"algorithm": "b", "ms": {"a": 5.0, "b": 3.0}}
+        assert entry == {"algorithm": "b", "ms": {"a": 5.0, "b": 3.0}, "source": "measured",
+                         "rounds": selector.MEASURE_REPEATS, "clean": True}
 
 
 def test_exporting_comes_after_counting_and_before_any_policy(fake_clock):
@@ -198,4 +199,4 @@ def test_candidates_that_all_fail_leave_the_cost_model(fake_clock, monkeypatch):
     with selector.policy("measure"):
         assert selector.select(FakeRoutine(), _tensors(), None) == "a"
     (entry,) = selector.choices().values()
-    assert entry == {"algorithm": "a", "ms": {}}
+    assert entry == {"algorithm": "a", "ms": {}, "source": "measured", "rounds": 0, "clean": False}
