@@ -134,13 +134,17 @@ def test_the_cost_models_pick_keeps_a_margin(clock):
     assert [e["algorithm"] for e in selector.choices().values()] == [others[0]]
 
 
-def test_measuring_stops_at_its_budget(clock, monkeypatch):
+def test_measuring_stops_at_its_budget(clock, monkeypatch, tmp_path):
     cost, calls = clock
     cost.update(folded=5.0, bmm=2.0, loop=9.0)
     monkeypatch.setattr(selector, "MEASURE_BUDGET_S", 0.0)
     _call()
-    assert selector.choices() == {}  # the cost model ran, untimed and not cached
+    (entry,) = selector.choices().values()  # the cost model's pick, untimed, kept for this process only
+    assert entry["algorithm"] == _model_pick() and entry["source"] == "budget" and entry["ms"] == {}
     assert sum(calls.values()) == 1
+    _call()
+    assert sum(calls.values()) == 2  # later calls look it up: still nothing timed
+    assert not list((tmp_path / "store").glob("cpu-*.json"))
 
 
 def test_a_corrupt_store_is_named_and_rewritten(clock, tmp_path):

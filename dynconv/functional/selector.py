@@ -150,7 +150,9 @@ class Choice:
 
     algorithm: str
     ms: dict[str, float]
-    source: str = "measured"  # "measured" in this process, "stored" by an earlier run (algorithm_store)
+    # "measured" in this process, "stored" by an earlier run (algorithm_store), "budget": the cost model's, the
+    # measuring budget being spent
+    source: str = "measured"
     rounds: int = 0  # timed rounds it took ("stored": those of the run that measured it)
     clean: bool = True  # the leader's timings agreed (see the module docstring); only clean choices are stored
 
@@ -286,7 +288,9 @@ def select(routine: Routine, tensors: Tensors, params: Any) -> str:
         _cache[key] = Choice(stored["algorithm"], dict(stored.get("ms", {})), "stored", int(stored.get("rounds", 0)))
         return stored["algorithm"]
     if _spent_measuring_s >= MEASURE_BUDGET_S:
-        return model  # not cached: a later run, with budget left or the choice stored, may still measure it
+        # Kept for this process (later calls are one lookup), never stored: a later run may still measure it.
+        _cache[key] = Choice(model, {}, "budget", clean=False)
+        return model
     choice = _measure(routine, names, model, tensors, params)
     _cache[key] = choice
     if choice.clean:
