@@ -26,7 +26,7 @@ wins:
 7. a shape seen for the first time: every candidate is timed on this call's tensors and the fastest is cached,
    and stored for later runs when the measurement was clean. The cost model's own pick stays unless another
    candidate beats it by more than `MODEL_MARGIN`; once this process has spent `MEASURE_BUDGET_S` seconds
-   measuring, new shapes take the cost model (not cached: a later run may still measure them).
+   measuring, new shapes take the cost model (kept for this process, never stored: a later run may measure them).
 
 Policies: "measure" (the default), "model", or an algorithm name: "folded", "bmm", "loop" (per-sample kernels),
 "kernels", "outputs", "fused" (mixtures), "assemble", "cells" (KernelWarehouse). A forced per-sample algorithm
