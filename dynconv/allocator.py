@@ -44,3 +44,9 @@ def apply(choice: str | None = None) -> str:
         ok = False
     _applied = "retain" if ok else "default"
     return _applied
+
+
+def retaining() -> bool:
+    """Whether this process keeps large buffers (`apply` put "retain" in force): freshly mapped pages then cost
+    nothing, which changes which algorithms win (dynconv/ops/kw/apply.py)."""
+    return _applied == "retain"

@@ -11,7 +11,7 @@ Why the measurements look the way they do:
 - `time.perf_counter` around `steps` iterations, with `torch.cuda.synchronize` at both ends on CUDA (kernels
   run asynchronously, so without it the clock would stop while the GPU is still working) and never inside
   the loop (a per-iteration sync would add a stall the real training loop does not have).
-- The training step is forward + cross-entropy + backward + `SGD(momentum=0.9).step()`, the whole cost of
+- The training step is forward + cross-entropy + backward + `SGD(momentum=0.9, fused=True).step()`, the whole cost of
   one optimizer step; dynamic operators add parameters (experts, routing), so the optimizer step differs too.
 - Inference runs in eval mode under `torch.no_grad()`, at the benchmark batch and at batch 1 (deployment
   latency, where a dynamic operator cannot amortise its per-sample kernel generation over a batch).
@@ -244,8 +244,9 @@ def inference_model(model: nn.Module) -> tuple[nn.Module, bool]:
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum, the papers' ImageNet optimizer: one state tensor per parameter, like most recipes."""
-    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    """SGD with momentum, the papers' ImageNet optimizer: one state tensor per parameter, like most recipes; fused,
+    as train.py builds it (`engine.training_run.FUSED_SGD`)."""
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=True)
 
 
 class CudaPeakMemory:

@@ -11,7 +11,7 @@ Both models are built once (same backbone unless `bench.baseline` names another,
 and timed interleaved (dynamic, static, dynamic, static, ...) after a warmup; every reported time is the
 median over `bench.repeats` repeats of the mean over `bench.steps` iterations. Measured:
 
-- train step: forward + cross-entropy + backward + SGD(momentum 0.9) step, train mode, batch `bench.batch`;
+- train step: forward + cross-entropy + backward + fused SGD(momentum 0.9) step, train mode, batch `bench.batch`;
 - inference: eval mode, no_grad, batch `bench.inference_batch` (null: `bench.batch`) and batch 1 (the issue's
   target: batch-1 <= 1.2x).
   An operator whose work is training-only (Weight Excitation's weight parametrizations) is timed folded, as
@@ -65,7 +65,7 @@ drop_scripts_dir_from_path(__file__)
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-TRAIN_STEP = "forward + cross-entropy + backward + SGD(momentum=0.9) step"
+TRAIN_STEP = "forward + cross-entropy + backward + fused SGD(momentum=0.9) step"
 # Every timing and memory key of a result (the pair's JSON and each suite row): null where the mode skips it.
 TIMING_KEYS = ("train_step_ratio", "inference_ratio", "batch1_inference_ratio", "train_step_ms",
                "static_train_step_ms", "inference_ms", "static_inference_ms", "batch1_inference_ms",

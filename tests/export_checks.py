@@ -48,5 +48,13 @@ def small_model(backbone: str, op: str, side: int = SIDE, **knobs) -> nn.Module:
 
 
 def model_groups(model: nn.Module) -> set[int]:
-    """Every convolution group count the model's layers declare (static and dynamic), and 1."""
-    return {1} | {int(module.groups) for module in model.modules() if isinstance(getattr(module, "groups", None), int)}
+    """Every convolution group count the model's layers declare (static and dynamic), and 1; for WeightNet layers
+    also the groups of their "outputs" algorithm (G' runs of input channels per layer group: a batch-independent
+    count, dynconv/ops/weightnet_apply.py)."""
+    from dynconv.ops import weightnet_apply
+    from dynconv.ops.weightnet import WeightNetConv2d
+
+    groups = {1} | {int(module.groups) for module in model.modules()
+                    if isinstance(getattr(module, "groups", None), int)}
+    return groups | {module.groups * weightnet_apply.parts_per_output(module) for module in model.modules()
+                     if isinstance(module, WeightNetConv2d) and weightnet_apply.parts_per_output(module)}

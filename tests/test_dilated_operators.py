@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from dynconv.build import build_backbone
 from dynconv.functional import selector
-from tests.op_checks import OP_CONFIG_DIR, calibrate_batch_norm, load_op_config
+from op_checks import OP_CONFIG_DIR, calibrate_batch_norm, load_op_config
 
 OPERATORS = sorted(path.stem for path in OP_CONFIG_DIR.glob("*.yaml"))
 # The algorithm families an operator may take; a policy that does not concern an operator leaves it its default.

@@ -121,17 +121,18 @@ CONV_CASES = {
 }
 
 
-@pytest.mark.parametrize("algorithm", ["assemble", "cells"])
+@pytest.mark.parametrize("algorithm", ["assemble", "cells", "fused"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_conv_batched_equals_per_sample_reference(case, batch, algorithm):
-    """Both exact algorithms (kernels assembled per sample, or the im2col taps mixed per cell and one GEMM with
-    the warehouse; dynconv/ops/kw/apply.py) against the loop reference, outputs and gradients."""
+    """Every exact algorithm (kernels assembled per sample; the im2col taps mixed per cell and one GEMM with the
+    warehouse; kernels assembled block by block inside the matmul: dynconv/ops/kw/apply.py, fused.py) against
+    the loop reference, outputs and gradients."""
     layer = standalone_conv(**CONV_CASES[case])
     layer.eval()  # the attention's BN in eval mode: the same normalisation for the batch and one sample
     x = torch.randn(batch, layer.in_channels, 7, 7, dtype=torch.float64, requires_grad=True)
-    if algorithm == "cells" and layer.groups != 1:
-        pytest.skip("the cells algorithm handles groups=1; grouped layers always assemble")
+    if algorithm != "assemble" and layer.groups != 1:
+        pytest.skip(f"the {algorithm} algorithm handles groups=1; grouped layers always assemble")
     with choice.policy(algorithm):
         out = layer(x)
     expected = reference_conv(layer, x)
@@ -368,3 +369,27 @@ def test_backbone_checkpoint_loads_into_the_same_op():
     assert skipped == []
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(target.eval()(x), source.eval()(x))
+
+
+@pytest.mark.parametrize("case", ["3x3-s2-wider", "kw-star", "1x1-grouped-cells"])
+def test_fused_blocks_of_output_channels_equal_the_reference(case, monkeypatch):
+    """"fused" assembles the kernels a few output channels at a time (dynconv/ops/kw/fused.py): with blocks of
+    one to three channels, within and across output groups, it still equals the loop reference, gradients
+    included."""
+    from dynconv.ops.kw import fused
+
+    layer = standalone_conv(**CONV_CASES[case])
+    layer.eval()
+    k = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 3 * 3 * k)  # batch 3: three channels a block
+    x = torch.randn(3, layer.in_channels, 7, 7, dtype=torch.float64, requires_grad=True)
+    if layer.partition.cell_out > 3:
+        assert len(fused._blocks(layer.partition, 3, k)) > layer.partition.out_groups
+    with choice.policy("fused"):
+        out = layer(x)
+    expected = reference_conv(layer, x)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    params = [x, layer.warehouse.cells, *layer.attention.parameters()]
+    for g, w in zip(torch.autograd.grad(out, params, grad_out), torch.autograd.grad(expected, params, grad_out)):
+        torch.testing.assert_close(g, w)

@@ -15,6 +15,8 @@ from dynconv.build import build_backbone, make_operator
 from dynconv.conversion import OperatorConfigError
 from dynconv.ops.condconv import CondConv2d
 from dynconv.layers.shared_input import SharedInput
+from dynconv.functional import selector
+from dynconv.ops import weightnet_apply
 from dynconv.ops.weightnet import WeightNetConv2d
 from op_checks import load_op_config  # noqa: E402
 from reference_checks import assert_matches_reference  # noqa: E402
@@ -63,17 +65,38 @@ CASES = [  # (stride, grouping, kernel, batch, lam, G, bias)
 ]
 
 
+@pytest.mark.parametrize("algorithm", ["kernels", "outputs"])  # dynconv/ops/weightnet_apply.py
 @pytest.mark.parametrize("size", [6, 15], ids=["6x6", "15x15"])  # 15x15 outputs exceed the bmm threshold
 @pytest.mark.parametrize(("stride", "grouping", "kernel", "batch", "lam", "G", "bias"), CASES,
                          ids=[f"s{c[0]}-{c[1]}-k{c[2]}-b{c[3]}-lam{c[4]}-G{c[5]}-bias{int(c[6])}" for c in CASES])
-def test_matches_per_sample_reference(stride, grouping, kernel, batch, lam, G, bias, size):
+def test_matches_per_sample_reference(stride, grouping, kernel, batch, lam, G, bias, size, algorithm, monkeypatch):
+    """Both exact algorithms (the B kernels and a per-sample convolution; the partial convolutions of one static
+    grouped convolution weighted by alpha), outputs and every gradient, against Sec. 3.3 sample by sample."""
     cin, cout, groups = {"dense": (4, 6, 1), "depthwise": (6, 6, 6), "grouped": (4, 6, 2)}[grouping]
     layer = _layer(cin, cout, kernel, stride, groups, lam=lam, G=G, bias=bias)
+    assert weightnet_apply.parts_per_output(layer) is not None  # every case here can mix outputs
+    ran = []
+    for name, run in list(weightnet_apply.ALGORITHMS.items()):
+        monkeypatch.setitem(weightnet_apply.ALGORITHMS, name, lambda *a, name=name, run=run: ran.append(name) or run(*a))
     x = torch.randn(batch, cin, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x_ref = x.clone().requires_grad_(True)
     x.requires_grad_(True)
     names, params = zip(*[(n, p) for n, p in layer.named_parameters()])
-    assert_matches_reference(layer(x), reference_forward(layer, x_ref), x, x_ref, names, params)
+    with selector.policy(algorithm):
+        out = layer(x)
+    assert ran == [algorithm]
+    assert_matches_reference(out, reference_forward(layer, x_ref), x, x_ref, names, params)
+
+
+def test_outputs_needs_whole_input_channels_per_group():
+    """G = 3 on 4 input channels of a 3x3 kernel splits channels inside a group: only the kernels apply, and a
+    forced "outputs" falls back to them (as every forced policy does where it does not apply)."""
+    torch.manual_seed(0)
+    layer = WeightNetConv2d(4, 6, 3, padding=1, G=3, hidden=5).double()
+    assert weightnet_apply.parts_per_output(layer) is None
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with selector.policy("outputs"):
+        torch.testing.assert_close(layer(x), reference_forward(layer, x))
 
 
 def test_samples_get_different_kernels():

@@ -68,8 +68,9 @@ from dynconv.functional import algorithm_store
 
 PER_SAMPLE_ALGORITHMS = ("folded", "bmm", "loop")
 MIXTURE_MODES = ("kernels", "outputs", "fused")
-WAREHOUSE_ALGORITHMS = ("assemble", "cells")
-POLICIES = ("measure", "model") + PER_SAMPLE_ALGORITHMS + MIXTURE_MODES + WAREHOUSE_ALGORITHMS
+WAREHOUSE_ALGORITHMS = ("assemble", "cells", "fused")
+# "fused" names both a mixture mode and a KernelWarehouse algorithm (the same idea: kernels mixed inside the matmul).
+POLICIES = tuple(dict.fromkeys(("measure", "model") + PER_SAMPLE_ALGORITHMS + MIXTURE_MODES + WAREHOUSE_ALGORITHMS))
 ENV_VAR = "DYNCONV_CONV_ALGORITHM"
 MEASURE_REPEATS = 3  # the fewest timed rounds
 MEASURE_MAX_ROUNDS = 8  # the most, while the leader changes or its timings disagree (a busy machine)

@@ -22,8 +22,9 @@ Implementation details, from the paper and the reference release (shared/REFEREN
 - FC_2 has bias and is followed by a sigmoid; the grouped FC has no bias.
 - Depthwise convolutions use the release's depthwise variant: FC_2 gives lambda*C values and the grouped FC
   has C groups (one per channel, each lambda -> k*k): G does not apply (k*k = 9 rarely divides by G).
-- Training and inference fold the batch into the groups of one convolution (Sec. 3.3); that and the batch-1
-  plain convolution are `per_sample_conv2d`'s algorithms.
+- Training and inference fold the batch into the groups of one convolution (Sec. 3.3), or, by linearity, run one
+  static convolution with G times the groups and weight its outputs by alpha (`weightnet_apply.py`: the static
+  convolution's arithmetic for lambda = 1, no per-sample kernel); the selector picks per layer shape.
 - A convolution's bias (the backbones here have none) stays a static parameter: WeightNet generates weights.
 
 Which layers: every convolution of ShuffleNetV2's branches (both branches of the downsampling unit: the
@@ -45,7 +46,7 @@ from torch.nn.modules.utils import _pair
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator, OperatorConfigError
 from dynconv.layers.kernel_bank import conv_geometry
 from dynconv.functional import selector
-from dynconv.functional.per_sample import per_sample_conv2d
+from dynconv.ops.weightnet_apply import apply_weightnet_conv
 from dynconv.layers.shared_input import attach_shared_inputs, link_shared
 
 GAP_SCOPES = ("layer", "block", "stage")
@@ -139,25 +140,26 @@ class WeightNetConv2d(nn.Module):
             hidden = self.__dict__["shared_input"].read()
         return torch.sigmoid(self.activation(hidden))
 
-    def sample_kernels(self, alpha: torch.Tensor) -> torch.Tensor:
-        """The grouped FC: (B, M*C_out) -> per-sample kernels (B, C_out, C_in/g, k, k)."""
+    def sample_kernels(self, alpha: torch.Tensor, generator: torch.Tensor | None = None) -> torch.Tensor:
+        """The grouped FC: (B, M*C_out) -> per-sample kernels (B, C_out, C_in/g, k, k); `generator` in place of the
+        layer's own (the selector times the algorithms on detached aliases of the parameters)."""
+        generator = self.generator if generator is None else generator
         batch = alpha.shape[0]
         grouped = alpha.view(batch, self.wn_groups, self.lam)
         if self.lam == 1 and not selector.is_counting_macs():
             # One input per group: a broadcast product (SE on the kernel), cheaper than a batched matmul with
             # an inner dimension of 1. MAC counting takes the matmul, which FlopCounterMode sees (it does not
             # count elementwise products): the kernel generation costs B * lambda * |W| MACs (Sec. 3.3).
-            kernels = grouped * self.generator.squeeze(1)
+            kernels = grouped * generator.squeeze(1)
         else:
             # (g, B, lam) @ (g, lam, K/g): one matmul per group (einsum may lower a size-1 contraction to a
             # product, which the MAC counter would miss).
-            kernels = torch.bmm(grouped.transpose(0, 1), self.generator).transpose(0, 1)
+            kernels = torch.bmm(grouped.transpose(0, 1), generator).transpose(0, 1)
         return kernels.reshape(batch, *self.kernel_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = self.sample_kernels(self.alpha(x))
-        bias = None if self.bias is None else self.bias.expand(x.shape[0], -1)
-        return per_sample_conv2d(x, kernels, bias, self.stride, self.padding, self.dilation, self.groups)
+        # The kernels and the convolution, or the partial convolutions' outputs weighted (weightnet_apply.py).
+        return apply_weightnet_conv(x, self.alpha(x), self)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -1,4 +1,4 @@
-"""Two exact ways to apply a KernelWarehouse convolution, chosen per layer shape like every per-sample conv.
+"""Three exact ways to apply a KernelWarehouse convolution, chosen per layer shape like every per-sample conv.
 
 "assemble" is Algorithm 1 Part B as written: alpha (B, m, n) times the n cells gives every sample's kernel
 (B x the layer's parameters, written to memory), then `per_sample_conv2d`. Its cost is a skinny matmul
@@ -14,16 +14,25 @@ where P_b[s] are the im2col rows of tap s. Z (B, L, n, C_in) is a small batched 
 rest is ONE dense GEMM of (B*L) x (n*C_in) by the warehouse (n*C_in x C_out), shared by the whole batch. It
 costs n / (k*k) convolutions instead of the memory traffic of B kernels: the better choice where the output has
 few positions (late stages), the worse where it has many (there a kernel is cheap next to the feature map).
-Both give the same result up to rounding (tests/test_kw.py).
+"fused" (`fused.py`) is "assemble" one block of output channels at a time inside the convolution's matmul, the
+backward assembling each block again: the paper's arithmetic without writing B kernels. It wins where one kernel is
+large next to the feature map but the warehouse has many cells, as long as fresh pages are costly: with glibc as it
+is, ResNet18's layer4.0.conv1 (256 -> 512 channels from the 47 cells of the third stage) took 172 ms against 223 ms
+("assemble") and 239 ms ("cells") for a training step at batch 16 on 2 CPU cores, 48 ms against 82-86 ms at
+inference; once the allocator keeps its buffers (`DYNCONV_MALLOC=retain`, train.py's default) "assemble" took 130
+ms there and won on every ResNet18 and ResNet50 layer, so it is timed only without that. All three give the same
+result up to rounding (tests/test_kw.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from dynconv import allocator
 from dynconv.functional import kernel_capture, selector
 from dynconv.functional.im2col import im2col
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
+from dynconv.ops.kw.fused import by_fused
 from dynconv.ops.kw.plan import LayerCells
 
 # Cost model (policy "model", torch.compile, batch 1): "cells" below this many output positions. Measured on
@@ -74,7 +83,7 @@ def by_cells(x, alpha, cells, bias, layer) -> torch.Tensor:
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
-ALGORITHMS = {"assemble": by_assembling, "cells": by_cells}
+ALGORITHMS = {"assemble": by_assembling, "cells": by_cells, "fused": by_fused}
 
 
 def apply_warehouse_conv(x, alpha, cells, bias, layer) -> torch.Tensor:
@@ -98,6 +107,10 @@ class WarehouseRoutine(selector.Routine):
     batch_free = ("cells", "assemble")  # "assemble" through per_sample_conv2d's batch-independent algorithm
 
     def applicable(self, algorithm, tensors, layer):
+        if algorithm == "fused":
+            # Under autocast the custom autograd function would see mixed dtypes in its backward: leave it out.
+            device = tensors[0].device.type
+            return layer.groups == 1 and not (device in ("cpu", "cuda") and torch.is_autocast_enabled(device))
         return algorithm == "assemble" or layer.groups == 1
 
     def cost_model(self, tensors, layer):
@@ -118,7 +131,9 @@ class WarehouseRoutine(selector.Routine):
     def timed(self, tensors, layer):
         out_h, out_w = conv_output_size(tensors[0], layer.kernel_size, layer.stride, layer.padding, layer.dilation)
         if layer.groups == 1 and out_h * out_w <= CELLS_MEASURE_MAX_POSITIONS:
-            return list(ALGORITHMS)
+            # "fused" saves the page faults of B freshly mapped kernels; where the allocator keeps its buffers
+            # (train.py's DYNCONV_MALLOC=retain) "assemble" measured faster on every ResNet18 and ResNet50 layer.
+            return ["assemble", "cells"] + ([] if allocator.retaining() else ["fused"])
         return ["assemble"]
 
     def shape_key(self, tensors, layer):
