@@ -376,12 +376,13 @@ def test_fused_blocks_of_output_channels_equal_the_reference(case, monkeypatch):
     """"fused" assembles the kernels a few output channels at a time (dynconv/ops/kw/fused.py): with blocks of
     one to three channels, within and across output groups, it still equals the loop reference, gradients
     included."""
+    from dynconv.functional import mixture_algorithms
     from dynconv.ops.kw import fused
 
     layer = standalone_conv(**CONV_CASES[case])
     layer.eval()
     k = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 3 * 3 * k)  # batch 3: three channels a block
+    monkeypatch.setattr(mixture_algorithms, "BLOCK_ELEMENTS", 3 * 3 * k)  # batch 3: three channels a block
     x = torch.randn(3, layer.in_channels, 7, 7, dtype=torch.float64, requires_grad=True)
     if layer.partition.cell_out > 3:
         assert len(fused._blocks(layer.partition, 3, k)) > layer.partition.out_groups

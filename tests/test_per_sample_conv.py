@@ -254,7 +254,7 @@ def test_fused_blocks_split_output_channels(monkeypatch):
     from dynconv.functional import mixture_algorithms
 
     monkeypatch.setattr(mixture_algorithms, "BLOCK_ELEMENTS", 3 * 36 * 2)  # 2 channels per block at batch 3
-    assert len(mixture_algorithms._blocks(3, 6, 36)) == 3
+    assert len(mixture_algorithms.channel_blocks(3, 6, 36)) == 3
     tensors, conv = _mixture_inputs("3x3", 3, True, "spatial+channel", False)
     leaves = [t.clone().requires_grad_(True) for t in tensors]
     y = mixture_conv2d(*leaves[:4], **conv, mode="fused", spatial=leaves[4], channel=leaves[5])

@@ -87,7 +87,7 @@ class MixtureRoutine(selector.Routine):
     # A forced per-sample algorithm needs materialised kernels to run on.
     forced = {**{mode: mode for mode in selector.MIXTURE_MODES},
               **{name: "kernels" for name in selector.PER_SAMPLE_ALGORITHMS}}
-    # "fused" is not: its blocks of output channels are sized by the batch (`mixture_algorithms._blocks`).
+    # "fused" is not: its blocks of output channels are sized by the batch (`mixture_algorithms.channel_blocks`).
     batch_free = ("outputs", "kernels")
 
     def applicable(self, algorithm, tensors, params):
@@ -95,9 +95,7 @@ class MixtureRoutine(selector.Routine):
         if algorithm == "outputs":
             return spatial is None
         if algorithm == "fused":
-            # Under autocast the custom autograd function would see mixed dtypes in its backward: leave it out.
-            device = x.device.type
-            return params[3] == 1 and not (device in ("cpu", "cuda") and torch.is_autocast_enabled(device))
+            return params[3] == 1 and not selector.autocast_on(x)  # a custom autograd function
         return True
 
     def cost_model(self, tensors, params):

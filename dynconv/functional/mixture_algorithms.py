@@ -30,7 +30,7 @@ from dynconv.functional.im2col import im2col
 BLOCK_ELEMENTS = 1 << 22
 
 
-def _blocks(batch: int, out_channels: int, k: int) -> list[tuple[int, int]]:
+def channel_blocks(batch: int, out_channels: int, k: int) -> list[tuple[int, int]]:
     """(start, stop) of equal blocks of output channels, each at most BLOCK_ELEMENTS mixed-kernel elements."""
     count = math.ceil(out_channels / max(1, min(out_channels, BLOCK_ELEMENTS // max(1, batch * k))))
     size = math.ceil(out_channels / count)
@@ -45,7 +45,7 @@ class MixtureMatmul(torch.autograd.Function):
         batch, k, _ = cols.shape
         n, out_channels, _ = experts.shape
         outs = []
-        for start, stop in _blocks(batch, out_channels, k):
+        for start, stop in channel_blocks(batch, out_channels, k):
             mixed = torch.mm(coefficients, experts[:, start:stop].reshape(n, -1)).view(batch, stop - start, k)
             # A fresh, contiguous result: bmm into a strided slice (out=) falls back to one matmul per sample,
             # i.e. B thread-pool rounds instead of one, which is slow on a busy machine.
@@ -64,7 +64,7 @@ class MixtureMatmul(torch.autograd.Function):
         grad_experts = torch.empty_like(experts) if need_experts else None
         grad_coefficients = coefficients.new_zeros(coefficients.shape) if need_coefficients else None
         cols_t = cols.transpose(1, 2)
-        for start, stop in _blocks(batch, experts.shape[1], k):
+        for start, stop in channel_blocks(batch, experts.shape[1], k):
             block = experts[:, start:stop].reshape(n, -1)  # (n, block*K), a view
             grad_block = grad[:, start:stop]  # (B, block, P)
             if need_cols:

@@ -330,11 +330,18 @@ def _measuring_allowed(*tensors: torch.Tensor) -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (CPU and CUDA; other devices have none here). Algorithms written as
+    custom autograd functions leave themselves out under it: their backward would see mixed dtypes."""
+    device = x.device.type
+    return torch.is_autocast_enabled(device) if device in ("cpu", "cuda") else False
+
+
 def _context_key(name: str, tensors: Tensors) -> tuple:
     """Routine, device, dtype, autocast, and whether a backward follows and for which inputs."""
     x = tensors[0]
     device = x.device.type
-    autocast = torch.is_autocast_enabled(device) if device in ("cpu", "cuda") else False
+    autocast = autocast_on(x)
     needs_grad = tuple(t is not None and t.requires_grad for t in tensors)
     train = torch.is_grad_enabled() and any(needs_grad)
     return (name, device, x.dtype, autocast, train, needs_grad)

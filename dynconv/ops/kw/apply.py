@@ -108,9 +108,7 @@ class WarehouseRoutine(selector.Routine):
 
     def applicable(self, algorithm, tensors, layer):
         if algorithm == "fused":
-            # Under autocast the custom autograd function would see mixed dtypes in its backward: leave it out.
-            device = tensors[0].device.type
-            return layer.groups == 1 and not (device in ("cpu", "cuda") and torch.is_autocast_enabled(device))
+            return layer.groups == 1 and not selector.autocast_on(tensors[0])  # a custom autograd function
         return algorithm == "assemble" or layer.groups == 1
 
     def cost_model(self, tensors, layer):

@@ -18,28 +18,23 @@ rounding (tests/test_kw.py, float64). Groups = 1.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from dynconv.functional.im2col import im2col
-from dynconv.functional.mixture_algorithms import BLOCK_ELEMENTS
+from dynconv.functional.mixture_algorithms import channel_blocks
 from dynconv.functional.per_sample import conv_output_size
 from dynconv.ops.kw.plan import LayerCells
 
 
 def _blocks(partition: LayerCells, batch: int, k: int) -> list[tuple[int, int, int]]:
-    """(output group, first, last cell output channel) of each block, at most BLOCK_ELEMENTS assembled kernel
-    elements (B x block x K); a block never spans two output groups (their alphas differ).
+    """(output group, first, last cell output channel) of each block: `channel_blocks` of the cell's outputs within
+    each output group (a block never spans two: their alphas differ).
 
     Blocks of channels for every sample, not whole kernels of a few samples: the assembly's matmul then has
     B*S*Gi rows instead of S*Gi (its inner dimension is n, 27-56 cells), and measured on 2 CPU cores (ResNet18 KW
     1x, batch 16, training step) whole kernels of one sample at a time were 1.3-1.4x slower on the last stage."""
-    per_group = partition.cell_out
-    count = math.ceil(per_group / max(1, min(per_group, BLOCK_ELEMENTS // max(1, batch * k))))
-    size = math.ceil(per_group / count)
-    return [(group, start, min(per_group, start + size))
-            for group in range(partition.out_groups) for start in range(0, per_group, size)]
+    blocks = channel_blocks(batch, partition.cell_out, k)
+    return [(group, start, stop) for group in range(partition.out_groups) for start, stop in blocks]
 
 
 def _group_alpha(alpha: torch.Tensor, partition: LayerCells, group: int) -> torch.Tensor:
