@@ -61,6 +61,20 @@ def check_run_settings(settings: Mapping[str, Any], context: str = "") -> None:
         raise ConfigError(f"{error}{context}") from None
 
 
+def validate_policies(cfg) -> None:
+    """The training config's `conv_algorithm` and `kernel_memory`, which the benchmark applies as train.py does:
+    ConfigError naming the key and the allowed values."""
+    from omegaconf import OmegaConf
+
+    from dynconv.config import ConfigError
+    from dynconv.config_checks import TOP_LEVEL, Section, check_section
+
+    policies = {key: TOP_LEVEL[key] for key in ("conv_algorithm", "kernel_memory")}
+    plain = {key: OmegaConf.select(cfg, key, default=None) for key in policies}
+    check_section({key: value for key, value in plain.items() if value is not None}, Section("", policies, required=()),
+                  ConfigError)
+
+
 def validate_bench_config(bench: Mapping[str, Any], check_device: bool = True) -> None:
     """Reject `bench.*` values that cannot run (or would time nothing) before anything is built.
 

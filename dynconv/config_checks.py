@@ -116,6 +116,13 @@ def conv_algorithm(knobs: Knobs, key: str) -> None:
         knobs.choice(key, POLICIES)
 
 
+def kernel_memory(knobs: Knobs, key: str) -> None:
+    """auto | keep | recompute: whether autograd keeps the per-sample kernels (dynconv.functional.recompute)."""
+    from dynconv.functional.recompute import KERNEL_MEMORY
+
+    knobs.choice(key, KERNEL_MEMORY)
+
+
 def optimizer(knobs: Knobs, key: str) -> None:
     import timm.optim
 
@@ -214,6 +221,7 @@ TOP_LEVEL: dict[str, Rule] = {
     "resume": resume,
     "deterministic": FLAG,
     "conv_algorithm": conv_algorithm,
+    "kernel_memory": kernel_memory,
 }
 DIST = {"backend": rule("choice", DIST_BACKENDS), "timeout_s": rule("number_in", 0.0, MAX_TIMEOUT_S, low_open=True)}
 NONFINITE = {"max_consecutive": POSITIVE_INT}

@@ -50,7 +50,8 @@ def measure(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any
     (an out-of-memory kill included: at the papers' batch sizes that is a result, not a crash of the suite).
 
     `spec`: backbone, op, attn (resolved config sections), kind (train | inference), batch, resolution,
-    num_classes, device (cpu | cuda), warmup, steps, policy (the selector's, as the parent runs it)."""
+    num_classes, device (cpu | cuda), warmup, steps, policy (the selector's, as the parent runs it), kernel_memory
+    (likewise)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(_PACKAGE_PARENT), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
@@ -140,10 +141,11 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from dynconv import benchmark as bm
     from dynconv.build import build_backbone
-    from dynconv.functional import selector
+    from dynconv.functional import recompute, selector
 
     started = time.perf_counter()
     selector.set_policy(spec.get("policy", "measure"))
+    recompute.set_kernel_memory(spec.get("kernel_memory", "auto"))
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     built = build_backbone(spec["backbone"], spec["op"], spec["attn"], num_classes=spec["num_classes"],

@@ -85,6 +85,10 @@ def _compose(argv: list[str]):
     return compose_or_exit("bench", argv, validate="model")
 
 
+# Settings of how every row runs, not of a model: a suite takes them from the command line.
+RUN_POLICIES = ("conv_algorithm", "kernel_memory")
+
+
 def _plan(cfg, argv: list[str]):
     """A suite's plan (every row composed, settings merged); exit 2 on a bad suite, row, setting or override."""
     from dynconv.bench_suites import cli_setting_keys, load_suite, plan_suite
@@ -92,10 +96,12 @@ def _plan(cfg, argv: list[str]):
     from dynconv.reproduction.tables import override_key
 
     suite = cfg.bench.suite
-    models = [arg for arg in argv if "=" in arg and not override_key(arg).startswith("bench.")]
+    models = [arg for arg in argv if "=" in arg and not override_key(arg).startswith("bench.")
+              and override_key(arg) not in RUN_POLICIES]
     if models:
         _fail(f"bench.suite={suite!r} takes every model from configs/bench_suites/{suite}.yaml: remove "
-              f"{' '.join(models)}; allowed values with a suite: bench.* overrides (batch, resolution, rows, ...)")
+              f"{' '.join(models)}; allowed values with a suite: bench.* overrides (batch, resolution, rows, ...) and "
+              f"{', '.join(RUN_POLICIES)}")
     rows = cfg.bench.get("rows")
     try:
         return plan_suite(load_suite(suite), cfg.bench, cli_setting_keys(argv),
@@ -129,10 +135,23 @@ def main(argv: list[str]) -> int:
 
     try:
         bm.validate_bench_config(bench)
+        bm.validate_policies(cfg)
     except ConfigError as error:
         _fail(str(error))
+    from dynconv.functional import recompute, selector
+
+    from dynconv.engine.training_run import conv_algorithm_policy, kernel_memory_policy
+
+    # The training config's policies, as train.py applies them (by default their environment variables), restored
+    # when the benchmark ends.
+    with selector.policy(conv_algorithm_policy(cfg)), recompute.kernel_memory(kernel_memory_policy(cfg)):
+        return _run(cfg, argv)
+
+
+def _run(cfg, argv: list[str]) -> int:
     from dynconv.functional import selector
 
+    bench = cfg.bench
     # A benchmark times every model with its best algorithms: no measuring budget. A training run's cap holds per
     # process, and a suite builds several models in one: its later rows were left on the cost model.
     selector.MEASURE_BUDGET_S = float("inf")
@@ -243,13 +262,14 @@ def timing_keys(results, settings, peak) -> dict:
 
 def memory_spec(parts, kind: str, settings, device, num_classes: int) -> dict:
     """What a peak-memory child process measures (dynconv/peak_memory.py)."""
-    from dynconv.functional import selector
+    from dynconv.functional import recompute, selector
 
     backbone, op, attn = parts
     return {"backbone": backbone, "op": op, "attn": attn, "kind": kind, "num_classes": num_classes,
             "batch": settings.batch if kind == "train" else settings.inference_batch,
             "resolution": settings.resolution, "device": device.type, "warmup": settings.warmup,
-            "steps": settings.steps, "policy": selector.get_policy()}
+            "steps": settings.steps, "policy": selector.get_policy(),
+            "kernel_memory": recompute.get_kernel_memory()}
 
 
 def measure_memory(spec: dict, label: str) -> dict:
@@ -444,7 +464,10 @@ def _with_algorithms(result: dict) -> dict:
     # explains a ratio, and shows whether a forced DYNCONV_CONV_ALGORITHM was in effect.
     from dynconv.functional import selector
 
+    from dynconv.functional import recompute
+
     result["conv_algorithm_policy"] = selector.get_policy()
+    result["kernel_memory"] = recompute.get_kernel_memory()
     result["conv_algorithms"] = selector.choices()
     return result
 

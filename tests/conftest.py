@@ -23,6 +23,7 @@ import pytest
 # dynconv is imported; subprocesses inherit it. The store's own tests point it at a temporary folder.
 os.environ["DYNCONV_ALGORITHM_CACHE"] = "off"
 os.environ.pop("DYNCONV_MEASURE_BUDGET_S", None)
+os.environ.pop("DYNCONV_KERNEL_MEMORY", None)  # the default policy ("auto") unless a test sets one
 
 # Under pytest-xdist (pyproject's addopts: two workers on CI's two cores) each worker and the processes it starts
 # compute on one thread: two workers with two threads each on two cores make every parallel region wait for a
@@ -126,7 +127,7 @@ CONDCONV2 = ["op=condconv", "op.experts=2"]
 _LEAKY_ENV = (
     "DYNCONV_OUTPUT_DIR", "DYNCONV_RUN_NAME", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
     "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID",
-    "SUBMITIT_EXECUTOR", "HYDRA_FULL_ERROR", "IMAGENET_DIR", "DYNCONV_CONV_ALGORITHM",
+    "SUBMITIT_EXECUTOR", "HYDRA_FULL_ERROR", "IMAGENET_DIR", "DYNCONV_CONV_ALGORITHM", "DYNCONV_KERNEL_MEMORY",
 )
 
 

@@ -47,9 +47,12 @@ def test_the_same_command_finds_its_run_again_and_resume_never_starts_a_new_one(
     assert fourth["run_dir"] != run_dir and fourth["resumed_from"] is None, describe(changed)
 
 
-def test_the_fingerprint_ignores_resume_and_logging_only():
+def test_the_fingerprint_ignores_resume_logging_and_kernel_memory_only():
     base = {"seed": 0, "op": {"name": "kw"}, "resume": "auto", "log": {"every": 10}}
     assert config_fingerprint(base) == config_fingerprint({**base, "resume": "never", "log": {"every": 1}})
+    # Kernels kept or remade in the backward: the same numbers, the same run (and a run of an earlier version,
+    # which had no kernel_memory key, keeps its folder).
+    assert config_fingerprint(base) == config_fingerprint({**base, "kernel_memory": "recompute"})
     assert config_fingerprint(base) != config_fingerprint({**base, "seed": 1})
 
 

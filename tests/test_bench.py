@@ -59,6 +59,7 @@ def _check_model_result(result: dict) -> None:
     from dynconv.functional.selector import POLICIES
 
     assert result["conv_algorithm_policy"] in POLICIES
+    assert result["kernel_memory"] == "auto"  # the default (train.yaml's kernel_memory)
     assert isinstance(result["conv_algorithms"], dict)
     for entry in result["conv_algorithms"].values():
         assert entry["algorithm"] in entry["ms"] or not entry["ms"]

@@ -61,12 +61,17 @@ def test_single_model_memory_mode_json(monkeypatch, capsys):
 
     monkeypatch.setattr(peak_memory, "measure", fake)
     code = _script().main(["backbone=resnet18", "op=condconv", "op.experts=2", "bench.mode=memory",
-                           "bench.inference_batch=3", *TINY])
+                           "bench.inference_batch=3", "kernel_memory=recompute", *TINY])
     out = capsys.readouterr().out
     assert code == 0, out
     result = json.loads(out.strip().splitlines()[-1])
     assert [(s["kind"], s["op"]["name"], s["batch"]) for s in specs] == [
         ("train", "condconv", 2), ("inference", "condconv", 3), ("train", "static", 2), ("inference", "static", 3)]
+    # The kernel-memory policy reaches the children and the JSON, and is restored after the run.
+    from dynconv.functional import recompute
+
+    assert {s["kernel_memory"] for s in specs} == {"recompute"} and result["kernel_memory"] == "recompute"
+    assert recompute.get_kernel_memory() == "auto"
     assert (result["train_peak_mb"], result["static_train_peak_mb"], result["train_peak_ratio"]) == (600.0, 300.0, 2.0)
     assert (result["inference_peak_mb"], result["inference_peak_ratio"], result["inference_batch"]) == (60.0, 2.0, 3)
     assert (result["model_mb"], result["static_model_mb"]) == (80.0, 40.0)

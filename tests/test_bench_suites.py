@@ -32,7 +32,7 @@ ROW_KEYS = {"id", "label", "overrides", "baseline", "baseline_label", "baseline_
             "per_repeat_ratios", "paper", "paper_static", "paper_ratio", "paper_units", "error", "seconds"}
 SUITE_KEYS = {"suite", "title", "source", "table", "device", "device_name", "threads", "memory_measure",
               "command_line", "rows", "errors", "seconds", "train_step", "markdown", "json", "conv_algorithm_policy",
-              "conv_algorithms"}
+              "kernel_memory", "conv_algorithms"}
 
 
 def _bench_defaults():

@@ -73,6 +73,7 @@ REJECTED = [
     ("resume", "", "auto, never, a path to an existing checkpoint file"),
     ("deterministic", "yes", "true, false"),
     ("conv_algorithm", "fastest", "measure, model"),
+    ("kernel_memory", "lean", "auto, keep, recompute"),
     ("dist.backend", "mpi", "auto, nccl, gloo"),
     ("dist.timeout_s", 0, "a number in (0.0, 1000000000.0]"),
     ("dist.timeout_s", 1e30, "a number in (0.0, 1000000000.0]"),
@@ -180,7 +181,7 @@ REJECTED_IN = [
 ]
 ACCEPTED = [
     ("seed", 0), ("seed", 2**32 - 1), ("init_from", None), ("resume", "never"), ("conv_algorithm", None),
-    ("conv_algorithm", "model"), ("dist.timeout_s", 0.5), ("checkpoint.keep_last", 1),
+    ("conv_algorithm", "model"), ("kernel_memory", "recompute"), ("dist.timeout_s", 0.5), ("checkpoint.keep_last", 1),
     ("recipe.momentum", 0.0), ("recipe.warmup_epochs", 0.07), ("recipe.decay_milestones", []),
     ("recipe.decay_rate", 1.0), ("recipe.smoothing", 0.0), ("recipe.clip_grad", None), ("recipe.clip_grad", 1),
     ("recipe.ema.decay", 0.0), ("recipe.aug.scale", [1.0, 1.0]), ("recipe.aug.ratio", [3.0, 5.0]),

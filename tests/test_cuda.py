@@ -24,16 +24,37 @@ def test_per_sample_conv_on_cuda_matches_cpu_reference(groups, algorithm):
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-10)
 
 
+def _mixture_case():
+    """x (4, 6, 7, 7), three 6 -> 6 3x3 experts and (4, 3) coefficients, float64."""
+    torch.manual_seed(0)
+    return (torch.randn(4, 6, 7, 7, dtype=torch.float64), torch.randn(3, 6, 6, 3, 3, dtype=torch.float64),
+            torch.rand(4, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("mode", ["kernels", "outputs"])
 def test_mixture_conv_on_cuda(mode):
-    torch.manual_seed(0)
-    x = torch.randn(4, 6, 7, 7, dtype=torch.float64)
-    experts = torch.randn(3, 6, 6, 3, 3, dtype=torch.float64)
-    coefficients = torch.rand(4, 3, dtype=torch.float64)
+    x, experts, coefficients = _mixture_case()
     kernels = (coefficients @ experts.flatten(1)).view(4, 6, 6, 3, 3)
     expected = torch.cat([F.conv2d(x[b : b + 1], kernels[b], None, 1, 1) for b in range(4)])
     got = mixture_conv2d(x.cuda(), experts.cuda(), coefficients.cuda(), None, 1, 1, mode=mode)
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+def test_recomputed_kernels_on_cuda_match_the_cpu(policy):
+    """kernel_memory on CUDA ("auto" recomputes there): the same gradients as the CPU's, under float64."""
+    from dynconv.functional import recompute, selector
+
+    x, experts, coefficients = _mixture_case()
+    spatial = torch.rand(4, 3, 3, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_(True) for t in (x, experts, coefficients, spatial)]
+        with recompute.kernel_memory(policy if device == "cuda" else "keep"), selector.policy("folded"):
+            y = mixture_conv2d(*leaves[:3], None, 1, 1, mode="kernels", spatial=leaves[3])
+            results.append([t.cpu() for t in (y, *torch.autograd.grad(y.square().sum(), leaves))])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])

@@ -16,9 +16,11 @@ RESULT_KEYS = {"top1", "top5", "loss", "best_top1", "epochs", "world_size", "run
 
 @pytest.fixture(scope="module")
 def smoke_run(run_train, module_tmp):
-    """One real 2-epoch CondConv(2x) run on 128 digits; every test of this module inspects it."""
+    """One real 2-epoch CondConv(2x) run on 128 digits, its kernels made again in the backward (on the CPU the
+    default keeps them); every test of this module inspects it."""
     tmp = module_tmp("cli")
-    completed, result = run_train([*CONDCONV2, *SMOKE, "log.every=1", "conv_algorithm=measure"], tmp)
+    completed, result = run_train([*CONDCONV2, *SMOKE, "log.every=1", "conv_algorithm=measure",
+                                   "kernel_memory=recompute"], tmp)
     return completed, result, tmp / "run"
 
 
@@ -74,6 +76,11 @@ def test_run_dir_records_the_conv_algorithm_policy(smoke_run):
         assert shape.split()[0] in ("mixture_conv2d", "per_sample_conv2d"), shape
         assert choice["algorithm"] in MIXTURE_MODES + PER_SAMPLE_ALGORITHMS
         assert choice["ms"] == {} or choice["algorithm"] in choice["ms"]  # {}: the only candidate of its shape
+    # kernel_memory=recompute is in the saved config, and the mixtures' training calls were timed remaking their
+    # kernels (keyed apart from kept ones); the per-sample convolution's own keys are not.
+    assert OmegaConf.load(run_dir / "config.yaml").kernel_memory == "recompute"
+    trained = [shape for shape in record["choices"] if " train" in shape]
+    assert trained and all((" train-recompute " in shape) == shape.startswith("mixture_conv2d") for shape in trained)
 
 
 def test_run_dir_checkpoints(smoke_run):

@@ -1,9 +1,9 @@
 """The run folder: the same command finds the same folder again, so rerunning it resumes (FAIR-style auto-resume).
 
 `outputs/<backbone>-<op>-<data>[-<task>]/<hash>`, where the hash is of the resolved config except the keys that
-do not change what is trained (`resume`, `log.*`; Hydra's own settings are not part of it either). Every rank
-of a torchrun or SLURM launch resolves the same config, so all ranks agree on the folder without talking to
-each other, and a torchrun restart (`--max-restarts`) or a requeued SLURM job lands in it again.
+do not change what is trained (`resume`, `log.*`, `kernel_memory`; Hydra's own settings are not part of it
+either). Every rank of a torchrun or SLURM launch resolves the same config, so all ranks agree on the folder
+without talking to each other, and a torchrun restart (`--max-restarts`) or a requeued SLURM job lands in it again.
 
 - `resume=never` asks for a fresh run: the folder gets a suffix that is unique per launch but shared by its
   ranks (the torchrun run id, the SLURM job id, else the time), and never collides with the resumable one.
@@ -24,8 +24,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Top-level keys that do not change the trained model or its numbers: the same run whatever their value.
-IGNORED_KEYS = ("hydra", "resume", "log", "reproduce")
+# Top-level keys that do not change the trained model or its numbers: the same run whatever their value
+# (`kernel_memory` only chooses whether the backward remakes the kernels: the same values to the bit).
+IGNORED_KEYS = ("hydra", "resume", "log", "reproduce", "kernel_memory")
 HASH_LENGTH = 10
 # Keys added to the configs after runs were already named by this hash, at the value that trains exactly what the
 # config trained before the key existed: left out of the hash at that value, so rerunning the command of a run

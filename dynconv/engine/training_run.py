@@ -29,7 +29,7 @@ from dynconv.engine.checkpoint import atomic_write, find_resumable, load_checkpo
 from dynconv.engine.distributed import DistInfo, init_distributed
 from dynconv.engine.run_naming import config_fingerprint
 from dynconv.engine.trainer import Trainer, optimizer_steps_per_epoch
-from dynconv.functional import selector
+from dynconv.functional import recompute, selector
 
 log = logging.getLogger("dynconv")
 
@@ -240,6 +240,12 @@ def conv_algorithm_policy(cfg: DictConfig) -> str:
     return "model" if cfg.deterministic and policy == "measure" else policy
 
 
+def kernel_memory_policy(cfg: DictConfig) -> str:
+    """Whether this run's backward remakes the per-sample kernels: `kernel_memory` (default: DYNCONV_KERNEL_MEMORY,
+    else "auto")."""
+    return str(OmegaConf.select(cfg, "kernel_memory", default=None) or recompute.get_kernel_memory())
+
+
 def default_hooks(cfg: DictConfig, model, scheduler, dist: DistInfo, run_dir: Path,
                   names: list[str] | None = None) -> list[H.Hook]:
     """The hooks of a training run, in call order.
@@ -306,7 +312,8 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
                 "use another hydra.run.dir, or resume=never to start over"
             )
 
-    with selector.policy(policy):  # restored when the run ends, however it ends
+    # Both restored when the run ends, however it ends.
+    with selector.policy(policy), recompute.kernel_memory(kernel_memory_policy(cfg)):
         return _train(cfg, config_dict, run_dir, payload, resume_path,
                       task_overrides() if overrides is None else overrides)
 

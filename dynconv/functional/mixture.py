@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from dynconv.functional import kernel_capture, selector
+from dynconv.functional import kernel_capture, recompute, selector
 from dynconv.functional import mixture_algorithms as algorithms
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 
@@ -82,6 +82,7 @@ class MixtureRoutine(selector.Routine):
     params = (stride, padding, dilation, groups)."""
 
     name = "mixture_conv2d"
+    makes_kernels = True
     algorithms = selector.MIXTURE_MODES
     canonical = "kernels"
     # A forced per-sample algorithm needs materialised kernels to run on.
@@ -138,21 +139,32 @@ def _kernels_cheaper(tensors, params) -> bool:
 
 
 def _by_kernels(x, experts, coefficients, expert_bias, spatial, channel, stride, padding, dilation, groups):
-    """The papers' formulation: W_b = t_b . sum_i c_bi W_i materialised, then `per_sample_conv2d`."""
+    """The papers' formulation: W_b = t_b . sum_i c_bi W_i materialised, then `per_sample_conv2d`. Under
+    `recompute.enabled` the backward mixes the kernels again instead of keeping them."""
     batch = x.shape[0]
     _, out_channels, in_per_group, kh, kw = experts.shape
-    if coefficients is None:
-        kernels = experts[:1]  # n = 1: every sample shares it (broadcast below)
-    else:
-        kernels = (coefficients @ experts.flatten(1)).view(batch, *experts.shape[1:])
-    if (channel is not None and spatial is None and x[0].numel() <= kernels[0].numel()
+    if (channel is not None and spatial is None and x[0].numel() <= experts[0].numel()
             and not kernel_capture.active()):  # a capture records the kernel with its channel scale
         # Scaling the input costs a pass over x, scaling the kernels a pass over them: take the smaller. With
         # a spatial scale the kernels are scaled anyway, and the channel scale rides along for free.
         x, channel = x * channel[:, :, None, None], None
-    scale = algorithms.tap_scale(spatial, channel, groups, in_per_group, kh, kw)
-    if scale is not None:
-        kernels = kernels.view(-1, groups, out_channels // groups, in_per_group, kh, kw) * scale
-    kernels = kernels.reshape(-1, *experts.shape[1:]).expand(batch, *experts.shape[1:])
-    return per_sample_conv2d(x, kernels, algorithms.mixed_bias(coefficients, expert_bias, batch), stride, padding,
-                             dilation, groups)
+    bias = algorithms.mixed_bias(coefficients, expert_bias, batch)
+
+    def mix(note) -> torch.Tensor:
+        """The batch's kernels (B, O, C/g, kh, kw); `note` sees each materialised tensor (`recompute`)."""
+        kernels = note((coefficients @ experts.flatten(1)).view(batch, *experts.shape[1:]))
+        scale = algorithms.tap_scale(spatial, channel, groups, in_per_group, kh, kw)
+        if scale is None:
+            return kernels
+        scaled = note(kernels.view(batch, groups, out_channels // groups, in_per_group, kh, kw) * scale)
+        return scaled.view(batch, *experts.shape[1:])
+
+    if coefficients is None:  # n = 1: every sample shares the one kernel (broadcast), nothing to recompute
+        kernels = experts[:1]
+        scale = algorithms.tap_scale(spatial, channel, groups, in_per_group, kh, kw)
+        if scale is not None:
+            kernels = kernels.view(-1, groups, out_channels // groups, in_per_group, kh, kw) * scale
+        kernels = kernels.reshape(-1, *experts.shape[1:]).expand(batch, *experts.shape[1:])
+        return per_sample_conv2d(x, kernels, bias, stride, padding, dilation, groups)
+    with recompute.materialised(mix, x, experts, coefficients, spatial, channel) as kernels:
+        return per_sample_conv2d(x, kernels, bias, stride, padding, dilation, groups)

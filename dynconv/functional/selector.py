@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from dynconv.functional import algorithm_store
+from dynconv.functional import algorithm_store, recompute
 
 PER_SAMPLE_ALGORITHMS = ("folded", "bmm", "loop")
 MIXTURE_MODES = ("kernels", "outputs", "fused")
@@ -110,6 +110,9 @@ class Routine:
     # The algorithms whose recorded graph holds for every batch size (export), in order of preference: no batch
     # folded into groups, no loop over the samples, no Python branch on the batch size.
     batch_free: tuple[str, ...] = ()
+    # Whether some of its algorithms make per-sample kernels, which `recompute` may make again in the backward
+    # (their training calls are then timed and keyed apart: `_context_key`).
+    makes_kernels: bool = False
 
     def applicable(self, algorithm: str, tensors: Tensors, params: Any) -> bool:
         return True
@@ -274,7 +277,7 @@ def select(routine: Routine, tensors: Tensors, params: Any) -> str:
         return routine.cost_model(tensors, params)
     if routine.macs(tensors, params) < MEASURE_MIN_MACS:
         return routine.cost_model(tensors, params)  # never measured, so never in the cache: no key needed
-    key = _context_key(routine.name, tensors) + routine.shape_key(tensors, params)
+    key = _context_key(routine, tensors) + routine.shape_key(tensors, params)
     cached = _cache.get(key)
     if cached is not None:
         return cached.algorithm
@@ -337,13 +340,16 @@ def autocast_on(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(device) if device in ("cpu", "cuda") else False
 
 
-def _context_key(name: str, tensors: Tensors) -> tuple:
-    """Routine, device, dtype, autocast, and whether a backward follows and for which inputs."""
-    x = tensors[0]
+def _context_key(routine: Routine, tensors: Tensors) -> tuple:
+    """Routine, device, dtype, autocast, and whether a backward follows (and remakes the kernels) and for which
+    inputs."""
+    name, x = routine.name, tensors[0]
     device = x.device.type
     autocast = autocast_on(x)
     needs_grad = tuple(t is not None and t.requires_grad for t in tensors)
-    train = torch.is_grad_enabled() and any(needs_grad)
+    train: bool | str = torch.is_grad_enabled() and any(needs_grad)
+    if train and routine.makes_kernels and recompute.enabled(x, *tensors[1:]):
+        train = "recompute"  # the kernels' algorithms pay for making them again in the backward: another choice
     return (name, device, x.dtype, autocast, train, needs_grad)
 
 
@@ -381,9 +387,9 @@ def describe(key: tuple) -> str:
     else:
         size = "x" + "x".join(map(str, shape_class))
     geometry = [f"{label}{_pair_str(value)}" for label, value in (("s", stride), ("p", padding), ("d", dilation))]
-    parts = [name, device, str(dtype).removeprefix("torch."), *(["autocast"] if autocast else []),
-             "train" if train else "infer", grads, size, "w" + "x".join(map(str, weight)), *geometry, f"g{groups}",
-             *flags]
+    mode = {True: "train", "recompute": "train-recompute"}.get(train, "infer")
+    parts = [name, device, str(dtype).removeprefix("torch."), *(["autocast"] if autocast else []), mode, grads,
+             size, "w" + "x".join(map(str, weight)), *geometry, f"g{groups}", *flags]
     return " ".join(str(part) for part in parts)
 
 
@@ -403,6 +409,11 @@ def _time_candidates(candidates: dict[str, Callable[..., torch.Tensor]],
     on the GPU) is dropped.
     """
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    with recompute.shielded():  # a layer's recomputed kernels must not see the candidates' saved tensors
+        return _time_rounds(candidates, inputs, train)
+
+
+def _time_rounds(candidates, inputs: Tensors, train: bool) -> tuple[dict[str, list[float]], int, bool]:
     # detach(): a new leaf sharing storage; the caller's graph and parameters' .grad are never reached.
     leaves = [None if t is None else t.detach().requires_grad_(train and t.requires_grad) for t in inputs]
     wanted = [t for t in leaves if t is not None and t.requires_grad]

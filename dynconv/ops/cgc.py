@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
+from dynconv.functional import recompute
 from dynconv.functional.per_sample import per_sample_conv2d
 
 
@@ -134,9 +135,11 @@ class CGCConv2d(nn.Module):
         self.gate = ContextGate(conv.in_channels, conv.out_channels, self.kernel_size, conv.groups, group_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.weight * self.gate(x)  # W'_b = W ⊙ G_b, (B, O, C/g, kh, kw)
+        gate = self.gate(x)
         bias = None if self.bias is None else self.bias.expand(x.shape[0], -1)
-        return per_sample_conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
+        # W'_b = W ⊙ G_b, (B, O, C/g, kh, kw); under `recompute` made again in the backward.
+        with recompute.materialised(lambda note: note(self.weight * gate), x, self.weight, gate) as kernel:
+            return per_sample_conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynconv.conversion.operator import OPERATORS, LayerInfo, Operator
-from dynconv.functional import selector
+from dynconv.functional import recompute, selector
 from dynconv.functional.per_sample import per_sample_conv2d
 from dynconv.layers.batch_norm_affine import batch_norm_affine, uses_batch_statistics
 
@@ -194,12 +194,18 @@ class DCDConv2d(nn.Module):
         taps = x[:, :, ::self.stride[0], ::self.stride[1]].flatten(2) if self.training else None
         matrix, bias = self.residual(fusion, taps)
         kh, kw = self.kernel_size
-        kernel = scale[:, :, None, None, None] * self.weight  # Λ(x) W_0
-        # + R(x) on the centre tap, in place: the product's backward needs its inputs, not its output.
-        kernel[:, :, :, kh // 2, kw // 2] += matrix
+
+        def make_kernel(note) -> torch.Tensor:
+            kernel = note(scale[:, :, None, None, None] * self.weight)  # Λ(x) W_0
+            # + R(x) on the centre tap, in place: the product's backward needs its inputs, not its output.
+            kernel[:, :, :, kh // 2, kw // 2] += matrix
+            return kernel
+
         if self.bias is not None:
             bias = bias + scale * self.bias
-        return per_sample_conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, 1)
+        # Under `recompute` the backward makes the kernels again.
+        with recompute.materialised(make_kernel, x, scale, matrix, self.weight) as kernel:
+            return per_sample_conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynconv.functional import kernel_capture, selector
+from dynconv.functional import kernel_capture, recompute, selector
 from dynconv.functional.mixture import KERNEL_ELEMENT_COST
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 
@@ -45,10 +45,12 @@ def parts_per_output(layer) -> int | None:
 
 
 def by_kernels(x, alpha, generator, bias, layer) -> torch.Tensor:
-    """The grouped FC's B kernels, then one per-sample convolution (Sec. 3.3)."""
-    kernels = layer.sample_kernels(alpha, generator)
+    """The grouped FC's B kernels, then one per-sample convolution (Sec. 3.3); under `recompute` the backward
+    generates them again."""
     bias = None if bias is None else bias.expand(x.shape[0], -1)
-    return per_sample_conv2d(x, kernels, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    with recompute.materialised(lambda note: note(layer.sample_kernels(alpha, generator)), x, alpha,
+                                generator) as kernels:
+        return per_sample_conv2d(x, kernels, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def by_outputs(x, alpha, generator, bias, layer) -> torch.Tensor:
@@ -88,6 +90,7 @@ class WeightNetRoutine(selector.Routine):
     per-sample algorithm needs the kernels ("kernels"); the mixture modes mean what they mean for mixtures."""
 
     name = "weightnet_conv2d"
+    makes_kernels = True
     algorithms = tuple(ALGORITHMS)
     canonical = "kernels"  # the paper's formulation, what MAC counting runs
     forced = {"kernels": "kernels", "outputs": "outputs", "fused": "kernels",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynconv.functional import kernel_capture, selector
+from dynconv.functional import kernel_capture, recompute, selector
 from dynconv.functional.mixture import KERNEL_ELEMENT_COST
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 
@@ -55,9 +55,10 @@ def fuse_kernels(weight: torch.Tensor, coefficients: torch.Tensor) -> torch.Tens
 
 def by_kernels(x, weight, coefficients, bias, stride, padding, dilation, groups) -> torch.Tensor:
     """Eq. 1 then one convolution per sample (the inference path; batch 1 is a plain convolution)."""
-    kernels = fuse_kernels(weight, coefficients)
     sample_bias = None if bias is None else bias.expand(x.shape[0], -1)
-    return per_sample_conv2d(x, kernels, sample_bias, stride, padding, dilation, groups)
+    with recompute.materialised(lambda note: note(fuse_kernels(weight, coefficients)), x, weight,
+                                coefficients) as kernels:
+        return per_sample_conv2d(x, kernels, sample_bias, stride, padding, dilation, groups)
 
 
 def by_features(x, weight, coefficients, bias, stride, padding, dilation, groups) -> torch.Tensor:
@@ -99,6 +100,7 @@ class FusionRoutine(selector.Routine):
     "kernels", "fused" and the per-sample algorithms mean kernel fusion (they need the fused kernels)."""
 
     name = "dynet_conv2d"
+    makes_kernels = True
     algorithms = ("features", "kernels")
     canonical = "kernels"  # what the paper counts
     forced = {"outputs": "features", "kernels": "kernels", "fused": "kernels",

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from dynconv import allocator
-from dynconv.functional import kernel_capture, selector
+from dynconv.functional import kernel_capture, recompute, selector
 from dynconv.functional.im2col import im2col
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 from dynconv.ops.kw.fused import by_fused
@@ -55,9 +55,11 @@ def assemble(alpha: torch.Tensor, cells: torch.Tensor, partition: LayerCells, ke
 
 
 def by_assembling(x, alpha, cells, bias, layer) -> torch.Tensor:
-    kernel = assemble(alpha, cells, layer.partition, layer.kernel_shape)
+    """Assembled kernels, then `per_sample_conv2d`; under `recompute` the backward assembles them again."""
     bias = None if bias is None else bias.expand(x.shape[0], -1)
-    return per_sample_conv2d(x, kernel, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    with recompute.materialised(lambda note: note(assemble(alpha, cells, layer.partition, layer.kernel_shape)),
+                                x, alpha, cells) as kernel:
+        return per_sample_conv2d(x, kernel, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def by_cells(x, alpha, cells, bias, layer) -> torch.Tensor:
@@ -100,6 +102,7 @@ class WarehouseRoutine(selector.Routine):
     per-sample algorithm needs assembled kernels to run on."""
 
     name = "kw_conv2d"
+    makes_kernels = True
     algorithms = selector.WAREHOUSE_ALGORITHMS
     canonical = "assemble"
     forced = {**{name: name for name in selector.WAREHOUSE_ALGORITHMS},
