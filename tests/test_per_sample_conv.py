@@ -174,7 +174,7 @@ MIX_CASES = {  # name: (in, out, kernel, stride, padding, dilation, groups, size
     "grouped": (4, 6, 3, 1, 1, 1, 2, 6, 3),
     "depthwise": (4, 4, 3, 1, 1, 1, 4, 6, 2),
 }
-SCALES = ["none", "spatial", "channel", "spatial+channel"]
+SCALES = ["none", "spatial", "channel", "spatial+channel", "filter", "spatial+channel+filter"]
 
 
 def _mixture_inputs(case, batch, bias, scales, single):
@@ -187,12 +187,15 @@ def _mixture_inputs(case, batch, bias, scales, single):
     ebias = torch.randn(n, out_ch, dtype=torch.float64, generator=gen) if bias else None
     spatial = torch.rand(batch, kernel, kernel, dtype=torch.float64, generator=gen) if "spatial" in scales else None
     channel = torch.rand(batch, in_ch, dtype=torch.float64, generator=gen) if "channel" in scales else None
-    return (x, experts, coeff, ebias, spatial, channel), dict(stride=stride, padding=padding, dilation=dilation,
+    filters = (torch.rand(batch, out_ch, dtype=torch.float64, generator=gen) if "filter" in scales
+               else None)
+    return (x, experts, coeff, ebias, spatial, channel, filters), dict(stride=stride, padding=padding, dilation=dilation,
                                                              groups=groups)
 
 
-def _mixture_reference(x, experts, coeff, ebias, spatial, channel, conv):
-    """Independent of the library: W_b = (sum_i c_bi W_i) . spatial_b . channel_b, one F.conv2d per sample."""
+def _mixture_reference(x, experts, coeff, ebias, spatial, channel, filters, conv):
+    """Independent of the library: W_b = (sum_i c_bi W_i) . spatial_b . channel_b . filter_b, bias_b . filter_b,
+    one F.conv2d per sample."""
     out_ch, in_per_group = experts.shape[1:3]
     groups = conv["groups"]
     in_index = (torch.arange(out_ch)[:, None] // (out_ch // groups)) * in_per_group + torch.arange(in_per_group)
@@ -205,6 +208,9 @@ def _mixture_reference(x, experts, coeff, ebias, spatial, channel, conv):
         if channel is not None:
             w = w * channel[b][in_index][:, :, None, None]
         bb = None if ebias is None else sum(c[i] * ebias[i] for i in range(ebias.shape[0]))
+        if filters is not None:
+            w = w * filters[b][:, None, None, None]
+            bb = None if bb is None else bb * filters[b]
         outputs.append(F.conv2d(x[b : b + 1], w, bb, conv["stride"], conv["padding"], conv["dilation"], groups))
     return torch.cat(outputs)
 
@@ -231,13 +237,14 @@ def test_mixture_modes_agree_with_reference(case, mode, scales, batch, bias, sin
     tensors, conv = _mixture_inputs(case, batch, bias, scales, single)
     if _unsupported(mode, scales, conv):
         with pytest.raises(ValueError, match="spatial|groups=1"):
-            mixture_conv2d(*tensors[:4], **conv, mode=mode, spatial=tensors[4], channel=tensors[5])
+            mixture_conv2d(*tensors[:4], **conv, mode=mode, spatial=tensors[4], channel=tensors[5],
+                           filter=tensors[6])
         return
     leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
     ref_leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
     with selector.exporting() if mode == "export" else contextlib.nullcontext():
         y = mixture_conv2d(*leaves[:4], **conv, mode="auto" if mode == "export" else mode, spatial=leaves[4],
-                           channel=leaves[5])
+                           channel=leaves[5], filter=leaves[6])
     y_ref = _mixture_reference(*ref_leaves, conv)
     assert y.shape == y_ref.shape
     torch.testing.assert_close(y, y_ref, rtol=0.0, atol=1e-12)
@@ -255,9 +262,9 @@ def test_fused_blocks_split_output_channels(monkeypatch):
 
     monkeypatch.setattr(mixture_algorithms, "BLOCK_ELEMENTS", 3 * 36 * 2)  # 2 channels per block at batch 3
     assert len(mixture_algorithms.channel_blocks(3, 6, 36)) == 3
-    tensors, conv = _mixture_inputs("3x3", 3, True, "spatial+channel", False)
+    tensors, conv = _mixture_inputs("3x3", 3, True, "spatial+channel+filter", False)
     leaves = [t.clone().requires_grad_(True) for t in tensors]
-    y = mixture_conv2d(*leaves[:4], **conv, mode="fused", spatial=leaves[4], channel=leaves[5])
+    y = mixture_conv2d(*leaves[:4], **conv, mode="fused", spatial=leaves[4], channel=leaves[5], filter=leaves[6])
     y_ref = _mixture_reference(*tensors, conv)
     torch.testing.assert_close(y, y_ref, rtol=0.0, atol=1e-12)
     grads = torch.autograd.grad(y.square().sum(), leaves)
@@ -457,7 +464,7 @@ def test_exporting_takes_batch_independent_algorithms(measured, monkeypatch, pol
                                        atol=1e-12)
         for scales in ("none", "spatial"):  # 7x7 outputs, 3 experts: outputs; a spatial scale needs kernels
             tensors, mconv = _mixture_inputs("3x3", 3, True, scales, False)
-            y = mixture_conv2d(*tensors[:4], **mconv, spatial=tensors[4], channel=tensors[5])
+            y = mixture_conv2d(*tensors[:4], **mconv, spatial=tensors[4], channel=tensors[5], filter=tensors[6])
             torch.testing.assert_close(y, _mixture_reference(*tensors, mconv), rtol=0, atol=1e-12)
     assert not selector.is_exporting()
     assert seen == ["bmm"] * 5 and measured == [] and selector.choices() == {}

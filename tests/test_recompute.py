@@ -87,20 +87,22 @@ def test_recomputed_kernels_give_the_same_loss_and_gradients_to_the_bit(op, algo
         assert torch.equal(a, b)
 
 
-def _mixture_inputs(batch=4, spatial=True, channel=True, groups=1):
+def _mixture_inputs(batch=4, spatial=True, channel=True, groups=1, filters=False):
     torch.manual_seed(2)
     x = torch.randn(batch, 8, 7, 7, dtype=torch.float64, requires_grad=True)
     experts = torch.randn(3, 6, 8 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
     coefficients = torch.randn(batch, 3, dtype=torch.float64, requires_grad=True)
     sp = torch.randn(batch, 3, 3, dtype=torch.float64, requires_grad=True) if spatial else None
     ch = torch.randn(batch, 8, dtype=torch.float64, requires_grad=True) if channel else None
-    return x, experts, coefficients, sp, ch
+    fl = torch.randn(batch, 6, dtype=torch.float64, requires_grad=True) if filters else None
+    return x, experts, coefficients, sp, ch, fl
 
 
 def _mixture_grads(policy, algorithm, inputs, groups=1, retain=False):
-    x, experts, coefficients, sp, ch = inputs
+    x, experts, coefficients, sp, ch, fl = inputs
     with recompute.kernel_memory(policy), selector.policy(algorithm):
-        y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, groups, "kernels", spatial=sp, channel=ch)
+        y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, groups, "kernels", spatial=sp, channel=ch,
+                           filter=fl)
     wanted = [t for t in inputs if t is not None]
     grad = torch.randn_like(y, generator=torch.Generator().manual_seed(5))
     first = torch.autograd.grad(y, wanted, grad, retain_graph=retain)
@@ -112,9 +114,10 @@ def _mixture_grads(policy, algorithm, inputs, groups=1, retain=False):
 
 @pytest.mark.parametrize("algorithm", ["folded", "bmm", "loop"])
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("spatial,channel", [(False, False), (True, False), (False, True), (True, True)])
-def test_mixture_kernels_under_every_per_sample_algorithm(algorithm, groups, spatial, channel, unpacks):
-    inputs = _mixture_inputs(spatial=spatial, channel=channel, groups=groups)
+@pytest.mark.parametrize("spatial,channel,filters", [(False, False, False), (True, False, False), (False, True, False),
+                                                     (True, True, False), (False, False, True), (True, True, True)])
+def test_mixture_kernels_under_every_per_sample_algorithm(algorithm, groups, spatial, channel, filters, unpacks):
+    inputs = _mixture_inputs(spatial=spatial, channel=channel, groups=groups, filters=filters)
     kept = _mixture_grads("keep", algorithm, inputs, groups)
     again = _mixture_grads("recompute", algorithm, inputs, groups, retain=True)
     assert unpacks
@@ -124,14 +127,15 @@ def test_mixture_kernels_under_every_per_sample_algorithm(algorithm, groups, spa
 def test_second_derivatives_through_recomputed_kernels(unpacks):
     """create_graph=True (a gradient penalty, say): the kernels made again in the backward keep their graph, so the
     gradient of a gradient reaches the coefficients and experts as with kept kernels."""
-    inputs = _mixture_inputs()
+    inputs = _mixture_inputs(filters=True)
     results = []
     for policy in ("keep", "recompute"):
         with recompute.kernel_memory(policy), selector.policy("folded"):
-            x, experts, coefficients, sp, ch = inputs
-            y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "kernels", spatial=sp, channel=ch)
+            x, experts, coefficients, sp, ch, fl = inputs
+            y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "kernels", spatial=sp, channel=ch,
+                               filter=fl)
         (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-        results.append(torch.autograd.grad(grad_x.square().sum(), (experts, coefficients, sp, ch)))
+        results.append(torch.autograd.grad(grad_x.square().sum(), (experts, coefficients, sp, ch, fl)))
     assert unpacks
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
@@ -150,9 +154,11 @@ def test_dynet_kernel_fusion_recomputed(unpacks):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_kernels_are_freed_after_the_forward_and_made_once_per_layer_in_the_backward(monkeypatch, unpacks):
+@pytest.mark.parametrize("filters", [False, True])
+def test_kernels_are_freed_after_the_forward_and_made_once_per_layer_in_the_backward(monkeypatch, unpacks, filters):
     """The point of it: after the forward no kernel is alive; the backward makes them once per layer call (ODConv
-    saves the kernels before and after its attention scale: two views, one production) and drops them."""
+    saves the kernels before and after its attention scales: two views, one production) and drops them. With
+    ODConv's filter scale too, nothing kernel-sized besides those two is made or kept."""
     made, original = [], recompute.recomputed
 
     def spying(produce, device="cpu"):
@@ -161,16 +167,30 @@ def test_kernels_are_freed_after_the_forward_and_made_once_per_layer_in_the_back
         return original(watched, device)
 
     monkeypatch.setattr(recompute, "recomputed", spying)
-    inputs = _mixture_inputs()
-    x, experts, coefficients, sp, ch = inputs
+    inputs = _mixture_inputs(filters=filters)
+    x, experts, coefficients, sp, ch, fl = inputs
     with recompute.kernel_memory("recompute"), selector.policy("folded"):
-        y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "kernels", spatial=sp, channel=ch)
+        y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "kernels", spatial=sp, channel=ch,
+                           filter=fl)
     gc.collect()
     assert len(made) == 2 and all(ref() is None for ref in made)  # mixed and scaled, both gone
     y.sum().backward()
     assert sorted(unpacks) == [0, 1]  # both saved views made again, by one production
     gc.collect()
     assert len(made) == 4 and all(ref() is None for ref in made)  # one production of both, dropped after use
+
+
+def test_filter_scale_keeps_no_extra_kernel_sized_tensor():
+    """ODConv's three kernel scales in one pass: autograd keeps the mixed kernels and the scaled ones (for the
+    convolution), not the kernel-sized product of the first two scales that two plain multiplications would."""
+    x, experts, coefficients, sp, ch, fl = _mixture_inputs(filters=True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (sizes.append(t.numel()), t)[1], lambda t: t), \
+            recompute.kernel_memory("keep"), selector.policy("folded"):
+        y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "kernels", spatial=sp, channel=ch,
+                           filter=fl)
+    assert sizes.count(coefficients.shape[0] * experts[0].numel()) == 2, sizes
+    assert y.shape == (4, 6, 7, 7)
 
 
 def test_measured_choice_under_recompute_is_exact(unpacks, monkeypatch):
@@ -182,8 +202,9 @@ def test_measured_choice_under_recompute_is_exact(unpacks, monkeypatch):
     kept = _mixture_grads("keep", "folded", inputs)
     selector.clear_cache()
     with recompute.kernel_memory("recompute"), selector.policy("measure"):
-        x, experts, coefficients, sp, ch = inputs
-        y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "auto", spatial=sp, channel=ch)
+        x, experts, coefficients, sp, ch, fl = inputs
+        y = mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "auto", spatial=sp, channel=ch,
+                           filter=fl)
         timed = len(unpacks)  # the candidates' own remaking, while they were timed
         again = [y.detach(), *torch.autograd.grad(y, [t for t in inputs if t is not None],
                                                    torch.randn_like(y, generator=torch.Generator().manual_seed(5)))]
@@ -199,10 +220,11 @@ def test_kept_under_activation_checkpointing(unpacks):
     """A checkpoint decides what is saved (and must see in its recomputation what its forward saved): kernels are
     not recipes inside it, and the gradients are the plain ones."""
     inputs = _mixture_inputs()
-    x, experts, coefficients, sp, ch = inputs
+    x, experts, coefficients, sp, ch, fl = inputs
 
     def layer(x):
-        return mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "kernels", spatial=sp, channel=ch)
+        return mixture_conv2d(x, experts, coefficients, None, 1, 1, 1, 1, "kernels", spatial=sp, channel=ch,
+                           filter=fl)
 
     with recompute.kernel_memory("recompute"), selector.policy("folded"):
         assert recompute.enabled(x)

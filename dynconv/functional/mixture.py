@@ -42,19 +42,21 @@ def mixture_conv2d(
     *,
     spatial: torch.Tensor | None = None,
     channel: torch.Tensor | None = None,
+    filter: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y_b = (t_b . sum_i c_bi W_i) * x_b + sum_i c_bi b_i for n kernels W (n, O, C/g, kh, kw), c (B, n).
+    """y_b = (t_b . sum_i c_bi W_i) * x_b + f_b . sum_i c_bi b_i for n kernels W (n, O, C/g, kh, kw), c (B, n).
 
-    t_b, optional, scales each sample's mixed kernel elementwise: `spatial` (B, kh, kw) per kernel position
-    and `channel` (B, C) per input channel (ODConv's spatial and channel attentions; the channel one equals
-    scaling the input, x_b . channel_b, which an algorithm may do instead). `coefficients` None means n = 1:
-    the one kernel, shared. "auto": the selector decides.
+    t_b, optional, scales each sample's mixed kernel elementwise: `spatial` (B, kh, kw) per kernel position,
+    `channel` (B, C) per input channel and `filter` f_b (B, O) per output channel (ODConv's spatial, channel and
+    filter attentions). The channel scale equals scaling the input, x_b . channel_b, and the filter scale scaling
+    the output (bias included), which an algorithm may do instead. `coefficients` None means n = 1: the one
+    kernel, shared. "auto": the selector decides.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mixture mode {mode!r}; allowed: {', '.join(MODES)}")
     if coefficients is None and experts.shape[0] != 1:
         raise ValueError(f"coefficients may be None only for a single kernel, got {experts.shape[0]}")
-    tensors = (x, experts, coefficients, expert_bias, spatial, channel)
+    tensors = (x, experts, coefficients, expert_bias, spatial, channel, filter)
     geometry = (stride, padding, dilation, groups)
     if kernel_capture.active():  # analysis: materialise t_b . W_b, so that per_sample_conv2d records it
         mode = "kernels"
@@ -78,7 +80,7 @@ def _run(mode: str, tensors, geometry) -> torch.Tensor:
 
 
 class MixtureRoutine(selector.Routine):
-    """`mixture_conv2d` for the selector; tensors = (x, experts, coefficients, bias, spatial, channel),
+    """`mixture_conv2d` for the selector; tensors = (x, experts, coefficients, bias, spatial, channel, filter),
     params = (stride, padding, dilation, groups)."""
 
     name = "mixture_conv2d"
@@ -116,9 +118,9 @@ class MixtureRoutine(selector.Routine):
         return experts[0].numel() * x.shape[0] * out_h * out_w
 
     def shape_key(self, tensors, params):
-        x, experts, _, bias, spatial, channel = tensors
-        flags = tuple(name for name, t in (("bias", bias), ("spatial", spatial), ("channel", channel))
-                      if t is not None)
+        x, experts, _, bias, spatial, channel, filter = tensors
+        flags = tuple(name for name, t in (("bias", bias), ("spatial", spatial), ("channel", channel),
+                                           ("filter", filter)) if t is not None)
         return selector.conv_shape_key(x, experts.shape, *params, flags)
 
     def run(self, algorithm, tensors, params):
@@ -138,33 +140,40 @@ def _kernels_cheaper(tensors, params) -> bool:
     return n + KERNEL_ELEMENT_COST + positions <= n * positions
 
 
-def _by_kernels(x, experts, coefficients, expert_bias, spatial, channel, stride, padding, dilation, groups):
+def _by_kernels(x, experts, coefficients, expert_bias, spatial, channel, filter, stride, padding, dilation, groups):
     """The papers' formulation: W_b = t_b . sum_i c_bi W_i materialised, then `per_sample_conv2d`. Under
     `recompute.enabled` the backward mixes the kernels again instead of keeping them."""
     batch = x.shape[0]
-    _, out_channels, in_per_group, kh, kw = experts.shape
-    if (channel is not None and spatial is None and x[0].numel() <= experts[0].numel()
-            and not kernel_capture.active()):  # a capture records the kernel with its channel scale
-        # Scaling the input costs a pass over x, scaling the kernels a pass over them: take the smaller. With
-        # a spatial scale the kernels are scaled anyway, and the channel scale rides along for free.
+    _, _, in_per_group, kh, kw = experts.shape
+    capturing = kernel_capture.active()  # a capture records the kernel with every scale folded in
+    out_h, out_w = conv_output_size(x, (kh, kw), stride, padding, dilation)
+    # Each scale goes where it costs the smaller pass: on the kernels, or on the input (channel) / output (filter)
+    # feature map (per output channel: C/g k k kernel elements against H' W' output positions). Folding the filter
+    # scale also spares autograd the unscaled output, kept for its gradient; where the kernels are the larger
+    # (ResNet's later stages), scaling them would cost more, in the backward most (kernel-sized temporaries).
+    fold_filter = filter is not None and (capturing or in_per_group * kh * kw <= out_h * out_w)
+    output_scale = None
+    if filter is not None and not fold_filter:
+        output_scale, filter = filter, None
+    if (channel is not None and spatial is None and filter is None and x[0].numel() <= experts[0].numel()
+            and not capturing):
         x, channel = x * channel[:, :, None, None], None
     bias = algorithms.mixed_bias(coefficients, expert_bias, batch)
+    if bias is not None and filter is not None:
+        bias = bias * filter
+    scales = (spatial, channel, filter)
 
     def mix(note) -> torch.Tensor:
         """The batch's kernels (B, O, C/g, kh, kw); `note` sees each materialised tensor (`recompute`)."""
         kernels = note((coefficients @ experts.flatten(1)).view(batch, *experts.shape[1:]))
-        scale = algorithms.tap_scale(spatial, channel, groups, in_per_group, kh, kw)
-        if scale is None:
-            return kernels
-        scaled = note(kernels.view(batch, groups, out_channels // groups, in_per_group, kh, kw) * scale)
-        return scaled.view(batch, *experts.shape[1:])
+        scaled = algorithms.scale_kernels(kernels, *scales, groups)
+        return kernels if scaled is kernels else note(scaled)
 
-    if coefficients is None:  # n = 1: every sample shares the one kernel (broadcast), nothing to recompute
-        kernels = experts[:1]
-        scale = algorithms.tap_scale(spatial, channel, groups, in_per_group, kh, kw)
-        if scale is not None:
-            kernels = kernels.view(-1, groups, out_channels // groups, in_per_group, kh, kw) * scale
-        kernels = kernels.reshape(-1, *experts.shape[1:]).expand(batch, *experts.shape[1:])
-        return per_sample_conv2d(x, kernels, bias, stride, padding, dilation, groups)
-    with recompute.materialised(mix, x, experts, coefficients, spatial, channel) as kernels:
-        return per_sample_conv2d(x, kernels, bias, stride, padding, dilation, groups)
+    if coefficients is None:  # n = 1: one kernel (scaled per sample, or shared by broadcast), nothing recomputed
+        kernels = experts[:1].expand(batch, *experts.shape[1:])
+        kernels = algorithms.scale_kernels(kernels, *scales, groups).expand(batch, *experts.shape[1:])
+        out = per_sample_conv2d(x, kernels, bias, stride, padding, dilation, groups)
+    else:
+        with recompute.materialised(mix, x, experts, coefficients, spatial, channel, filter) as kernels:
+            out = per_sample_conv2d(x, kernels, bias, stride, padding, dilation, groups)
+    return algorithms.scale_outputs(out, output_scale)

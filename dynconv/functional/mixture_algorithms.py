@@ -107,8 +107,64 @@ def tap_scale(spatial, channel, groups: int, in_per_group: int, kh: int, kw: int
     return scale
 
 
-def by_outputs(x, experts, coefficients, expert_bias, spatial, channel, stride, padding, dilation, groups):
-    """sum_i c_bi (W_i * x_b): the n static convolutions as one grouped convolution, outputs mixed."""
+class ScaleKernels(torch.autograd.Function):
+    """kernels . taps . filters for kernels (B, g, O/g, C/g, kh, kw) and two per-sample scales that broadcast
+    against them (`tap_scale`'s without and with the filter factor). Autograd's own two multiplications would
+    keep the kernel-sized intermediate kernels . taps for the filter's gradient; this keeps only the kernels
+    (which `recompute` may store as a recipe) and the two small scales, and remakes the products it needs."""
+
+    @staticmethod
+    def forward(ctx, kernels: torch.Tensor, taps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(kernels, taps, filters)
+        return (kernels * taps).mul_(filters)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        kernels, taps, filters = ctx.saved_tensors
+        need_kernels, need_taps, need_filters = ctx.needs_input_grad
+        grad_taps = grad_filters = None
+        if need_taps or need_filters:  # one kernel-sized product for both (the kernels can be large)
+            product = grad * kernels
+            if need_taps:
+                grad_taps = _sum_to(product * filters, taps.shape)
+            if need_filters:
+                grad_filters = _sum_to(product.mul_(taps) if not torch.is_grad_enabled() else product * taps,
+                                       filters.shape)
+            del product
+        grad_kernels = (grad * taps).mul_(filters) if need_kernels else None
+        return grad_kernels, grad_taps, grad_filters
+
+
+def _sum_to(tensor: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a broadcast product back to one factor's shape (dimensions where that factor has size 1)."""
+    dims = tuple(i for i, (big, small) in enumerate(zip(tensor.shape, shape)) if small == 1 and big != 1)
+    return tensor.sum(dim=dims, keepdim=True) if dims else tensor
+
+
+def scale_kernels(kernels: torch.Tensor, spatial, channel, filter, groups: int) -> torch.Tensor:
+    """kernels (B, O, C/g, kh, kw) scaled per sample by `tap_scale`'s factors; the kernels unchanged (the same
+    tensor) when there are none."""
+    batch, out_channels, in_per_group, kh, kw = kernels.shape
+    view = kernels.view(batch, groups, out_channels // groups, in_per_group, kh, kw)
+    taps = tap_scale(spatial, channel, groups, in_per_group, kh, kw)
+    outputs = None if filter is None else filter.view(filter.shape[0], groups, -1, 1, 1, 1)
+    if taps is None and outputs is None:
+        return kernels
+    if taps is None or outputs is None:
+        scaled = view * (taps if outputs is None else outputs)
+    else:
+        scaled = ScaleKernels.apply(view, taps, outputs)
+    return scaled.view(batch, out_channels, in_per_group, kh, kw)
+
+
+def scale_outputs(out: torch.Tensor, filter: torch.Tensor | None) -> torch.Tensor:
+    """y_b . filter_b per output channel (B, O), for the algorithms that do not fold it into a kernel."""
+    return out if filter is None else out * filter[:, :, None, None]
+
+
+def by_outputs(x, experts, coefficients, expert_bias, spatial, channel, filter, stride, padding, dilation, groups):
+    """sum_i c_bi (W_i * x_b): the n static convolutions as one grouped convolution, outputs mixed (and scaled by
+    `filter`)."""
     if spatial is not None:
         raise ValueError("mode='outputs' cannot apply a spatial attention (it scales kernel taps, per sample)")
     if channel is not None:
@@ -117,8 +173,8 @@ def by_outputs(x, experts, coefficients, expert_bias, spatial, channel, stride, 
     num_experts, out_channels = experts.shape[:2]
     bias = mixed_bias(coefficients, expert_bias, batch)
     if coefficients is None:  # n = 1: the static convolution itself
-        return F.conv2d(x, experts[0], None if expert_bias is None else expert_bias[0], stride, padding, dilation,
-                        groups)
+        return scale_outputs(F.conv2d(x, experts[0], None if expert_bias is None else expert_bias[0], stride,
+                                      padding, dilation, groups), filter)
     # Lay the n experts out group by group so one grouped convolution computes all of them.
     per_group = out_channels // groups
     stacked = experts.view(num_experts, groups, per_group, *experts.shape[2:]).transpose(0, 1)
@@ -128,11 +184,13 @@ def by_outputs(x, experts, coefficients, expert_bias, spatial, channel, stride, 
     mixed = torch.einsum("bn,bgnohw->bgohw", coefficients, outputs).reshape(batch, out_channels, *outputs.shape[-2:])
     if bias is not None:
         mixed = mixed + bias[:, :, None, None]
-    return mixed
+    return scale_outputs(mixed, filter)
 
 
-def by_fused(x, experts, coefficients, expert_bias, spatial, channel, stride, padding, dilation, groups, out_size):
-    """im2col + `mixture_matmul` (groups=1 only); `out_size` (H', W') is the convolution's output size."""
+def by_fused(x, experts, coefficients, expert_bias, spatial, channel, filter, stride, padding, dilation, groups,
+             out_size):
+    """im2col + `mixture_matmul` (groups=1 only), then the `filter` scale on the output; `out_size` (H', W') is
+    the convolution's output size."""
     if groups != 1:
         raise ValueError("mode='fused' handles groups=1 only")
     batch, channels = x.shape[:2]
@@ -154,4 +212,4 @@ def by_fused(x, experts, coefficients, expert_bias, spatial, channel, stride, pa
     bias = mixed_bias(coefficients, expert_bias, batch)
     if bias is not None:
         out = out + bias[:, :, None]
-    return out.view(batch, out_channels, *out_size)
+    return scale_outputs(out.view(batch, out_channels, *out_size), filter)

@@ -12,8 +12,9 @@ the output and a_c could scale the input; only a_s and a_w need the per-sample k
 
     W_b = a_s(b) . sum_k a_w(b)_k W_k,     y_b = a_f(b) . (W_b * (a_c(b) . x_b))
 
-Here a_c is handed to `mixture_conv2d` with a_s, which applies both where it is cheapest (on the mixed kernel
-in one pass, or on the im2col columns) instead of a separate pass over the feature map.
+Here a_c and a_f are handed to `mixture_conv2d` with a_s, which applies them where it is cheapest (on the mixed
+kernel in one pass, or a_c on the im2col columns and a_f on the output) instead of separate passes over the
+feature maps.
 
 The attention (Sec. 3, as the reference implements it): GAP -> FC(C_in -> max(int(C_in * 0.0625), 16),
 no bias) -> BN -> ReLU -> four heads, each divided by a temperature T (annealed linearly 30 -> 1 over 10
@@ -154,16 +155,13 @@ class ODConv2d(KernelBankConv2d):
             # cheaper than materialising B copies of it.
             out = F.conv2d(x * channel[:, :, None, None], self.weight[0], None, self.stride, self.padding,
                            self.dilation, self.groups)
-        else:
-            # W_b = a_s(b) . a_c(b) . sum_k a_w(b)_k W_k, by whichever exact algorithm is fastest for the shape.
-            # a_c goes in as a kernel scale rather than pre-multiplied into x: riding along with a_s on the
-            # kernels (or on the im2col columns) it costs no extra pass over the feature map.
-            out = mixture_conv2d(x, self.weight, kernel, None, self.stride, self.padding, self.dilation,
-                                 self.groups, spatial=spatial, channel=channel)
-        if filt is None:
-            return out
-        kernel_capture.scale_output(filt)  # analysis: a capture folds the filter attention into the kernel
-        return out * filt[:, :, None, None]
+            return out if filt is None else out * filt[:, :, None, None]
+        # W_b = a_f(b) . a_s(b) . a_c(b) . sum_k a_w(b)_k W_k, by whichever exact algorithm is fastest for the
+        # shape. a_c and a_f go in as kernel scales rather than multiplied into x and y: riding along with a_s on
+        # the kernels (or on the im2col columns) they cost no extra pass over a feature map, and autograd keeps no
+        # unscaled output for a_f's gradient.
+        return mixture_conv2d(x, self.weight, kernel, None, self.stride, self.padding, self.dilation, self.groups,
+                              spatial=spatial, channel=channel, filter=filt)
 
 
 @OPERATORS.register("odconv")
