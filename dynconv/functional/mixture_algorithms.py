@@ -109,9 +109,10 @@ def tap_scale(spatial, channel, groups: int, in_per_group: int, kh: int, kw: int
 
 class ScaleKernels(torch.autograd.Function):
     """kernels . taps . filters for kernels (B, g, O/g, C/g, kh, kw) and two per-sample scales that broadcast
-    against them (`tap_scale`'s without and with the filter factor). Autograd's own two multiplications would
-    keep the kernel-sized intermediate kernels . taps for the filter's gradient; this keeps only the kernels
-    (which `recompute` may store as a recipe) and the two small scales, and remakes the products it needs."""
+    against them (`tap_scale`'s (B, g, 1, C/g, kh, kw) and the filter's (B, g, O/g, 1, 1, 1)). Autograd's own two
+    multiplications would keep the kernel-sized intermediate kernels . taps for the filter's gradient; this keeps
+    only the kernels (which `recompute` may store as a recipe) and the two small scales, and remakes the products
+    it needs."""
 
     @staticmethod
     def forward(ctx, kernels: torch.Tensor, taps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
