@@ -40,6 +40,45 @@ def test_mixture_conv_on_cuda(mode):
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_triton_mixture_compiled_on_cuda(dtype):
+    """The compiled Triton kernel (tested on the CPU only through its interpreter) against the per-sample reference:
+    several tiles along every dimension, ragged edges, stride 2, every ODConv scale and a bias."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 24, 19, 17, dtype=torch.float64, generator=gen)
+    experts = torch.randn(4, 80, 24, 3, 3, dtype=torch.float64, generator=gen)
+    coefficients, bias = torch.rand(3, 4, dtype=torch.float64, generator=gen), torch.randn(4, 80, dtype=torch.float64)
+    spatial, channel = torch.rand(3, 3, 3, dtype=torch.float64), torch.rand(3, 24, dtype=torch.float64)
+    filters = torch.rand(3, 80, dtype=torch.float64)
+    kernels = (coefficients @ experts.flatten(1)).view(3, 80, 24, 3, 3) * spatial[:, None, None] * channel[
+        :, None, :, None, None] * filters[:, :, None, None, None]
+    mixed_bias = coefficients @ bias * filters
+    expected = torch.cat([F.conv2d(x[b : b + 1], kernels[b], mixed_bias[b], 2, 1) for b in range(3)])
+    cuda = [t.to("cuda", dtype) for t in (x, experts, coefficients, bias, spatial, channel, filters)]
+    with torch.no_grad():
+        got = mixture_conv2d(*cuda[:4], 2, 1, mode="triton", spatial=cuda[4], channel=cuda[5], filter=cuda[6])
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-2}[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=tolerance, atol=tolerance * expected.abs().max())
+
+
+def test_selector_times_triton_for_cuda_inference(monkeypatch):
+    """At inference on CUDA the Triton kernel is one of the timed candidates (and only wins by measurement)."""
+    pytest.importorskip("triton")
+    from dynconv.functional import selector
+
+    monkeypatch.setattr(selector, "MEASURE_MIN_MACS", 0)
+    selector.clear_cache()
+    x, experts, coefficients = (t.float().cuda() for t in _mixture_case())
+    experts = experts.repeat(1, 4, 1, 1, 1)  # 24 output channels: wide enough for its tiles
+    with selector.policy("measure"), torch.no_grad():
+        mixture_conv2d(x, experts, coefficients, None, 1, 1)
+    measured = [entry for key, entry in selector.choices().items() if key.startswith("mixture_conv2d cuda")]
+    selector.clear_cache()
+    assert measured and "triton" in measured[0]["ms"]
+
+
 @pytest.mark.parametrize("policy", ["keep", "recompute"])
 def test_recomputed_kernels_on_cuda_match_the_cpu(policy):
     """kernel_memory on CUDA ("auto" recomputes there): the same gradients as the CPU's, under float64."""

@@ -1,11 +1,13 @@
 """Mixture convolutions: n static kernels combined per sample, W_b = t_b . sum_i c_bi W_i (CondConv, DY-Conv,
-ODConv), with three exact algorithms (the last two in `mixture_algorithms.py`):
+ODConv), with four exact algorithms (two in `mixture_algorithms.py`, one in `triton_mixture.py`):
 
 - "kernels": mix the kernels, then one `per_sample_conv2d` (the papers' formulation: what MAC counting runs);
 - "outputs": sum_i c_bi (W_i * x) = (sum_i c_bi W_i) * x by linearity: n static convolutions run as one and
   their outputs are mixed; never materialises B kernels (not with a spatial attention, which is per tap);
 - "fused": im2col and a blocked "mix a block of kernels, multiply it at once" matmul: the kernels'
   formulation without writing B kernels to memory; wins on CPU where kernels are large (late layers).
+- "triton": a Triton implicit-GEMM convolution that mixes the kernels inside its tiles (GPU inference only; on
+  CPU tensors an explicit mode="triton" runs Triton's interpreter, for tests).
 
 Which one runs is `dynconv.functional.selector`'s decision (measured once per layer shape class by default).
 """
@@ -16,11 +18,11 @@ from typing import Literal
 
 import torch
 
-from dynconv.functional import kernel_capture, recompute, selector
+from dynconv.functional import kernel_capture, recompute, selector, triton_mixture
 from dynconv.functional import mixture_algorithms as algorithms
 from dynconv.functional.per_sample import conv_output_size, per_sample_conv2d
 
-MixtureMode = Literal["auto", "kernels", "outputs", "fused"]
+MixtureMode = Literal["auto", "kernels", "outputs", "fused", "triton"]
 MODES = ("auto",) + selector.MIXTURE_MODES
 # Cost model: one element of a materialised per-sample kernel costs about as much as this many
 # multiply-accumulates of a static convolution (it is written, read once per sample by a low-intensity matmul,
@@ -74,6 +76,8 @@ def _run(mode: str, tensors, geometry) -> torch.Tensor:
         return _by_kernels(*tensors, *geometry)
     if mode == "outputs":
         return algorithms.by_outputs(*tensors, *geometry)
+    if mode == "triton":
+        return triton_mixture.by_triton(*tensors, *geometry)
     x, experts = tensors[:2]
     out_size = conv_output_size(x, experts.shape[-2:], *geometry[:3])
     return algorithms.by_fused(*tensors, *geometry, out_size)
@@ -99,6 +103,10 @@ class MixtureRoutine(selector.Routine):
             return spatial is None
         if algorithm == "fused":
             return params[3] == 1 and not selector.autocast_on(x)  # a custom autograd function
+        if algorithm == "triton":  # GPU inference: no backward, and autocast's dtypes are not its own
+            wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            return (not wants_grad and not selector.autocast_on(x)
+                    and triton_mixture.applicable(x, tensors[1], params[3]))
         return True
 
     def cost_model(self, tensors, params):
