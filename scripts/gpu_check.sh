@@ -5,7 +5,7 @@
 # 2. ResNet18 at batch 64: every operator against static, training and inference (the suite, on the GPU);
 # 3. KernelWarehouse Table 12 (FPS at batch 100) and Table 16 (memory) on the GPU, ResNet50 rows;
 # 3b. kernel_memory: auto (recompute on the GPU) against keep, ResNet18 batch 64, time and memory;
-# 3c. the Triton mixture kernel (CUDA inference): forced (conv_algorithm=triton) against the measured choice above;
+# 3c. the Triton mixture kernel: forced (conv_algorithm=triton) against the measured choice of step 2;
 # 4. timm's anchor for CondConv: CondConv(4x) on EfficientNet-B0 through dynconv.convert, against efficientnet_b0.
 # Each step writes its Markdown + JSON under out_dir (default benchmarks/gpu); a failed step does not stop the others,
 # and the script's exit status is the number of failed steps.
@@ -18,7 +18,7 @@ step python -m pytest -q -n 0 -m cuda
 step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=64 bench.warmup=3 bench.out="$out/resnet18_b64"
 step python scripts/bench.py bench.suite=kw_t12 bench.device=cuda bench.rows='[r50_*]' bench.warmup=3 bench.out="$out/kw_t12"
 step python scripts/bench.py bench.suite=kw_t16 bench.device=cuda bench.rows='[r50_*]' bench.out="$out/kw_t16"
-# The Triton mixture kernel forced wherever it applies (mixtures at inference; the rest as the cost model), against
+# The Triton mixture kernel forced wherever it applies (every mixture layer; the rest as the cost model), against
 # the measured choice of the first suite run (which times it as one candidate).
 step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=64 bench.warmup=3 conv_algorithm=triton bench.out="$out/resnet18_b64_triton"
 # kernel_memory on the GPU: the default (auto = recompute there) against keep, time and memory, ResNet18 batch 64.

@@ -55,16 +55,25 @@ def test_triton_mixture_compiled_on_cuda(dtype):
         :, None, :, None, None] * filters[:, :, None, None, None]
     mixed_bias = coefficients @ bias * filters
     expected = torch.cat([F.conv2d(x[b : b + 1], kernels[b], mixed_bias[b], 2, 1) for b in range(3)])
-    cuda = [t.to("cuda", dtype) for t in (x, experts, coefficients, bias, spatial, channel, filters)]
-    with torch.no_grad():
-        got = mixture_conv2d(*cuda[:4], 2, 1, mode="triton", spatial=cuda[4], channel=cuda[5], filter=cuda[6])
+    cuda = [t.to("cuda", dtype).requires_grad_(True) for t in (x, experts, coefficients, bias, spatial, channel,
+                                                                filters)]
+    got = mixture_conv2d(*cuda[:4], 2, 1, mode="triton", spatial=cuda[4], channel=cuda[5], filter=cuda[6])
     tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-2}[dtype]
     assert got.dtype == dtype
     torch.testing.assert_close(got.double().cpu(), expected, rtol=tolerance, atol=tolerance * expected.abs().max())
+    if dtype == torch.float64:  # the backward (the convolution's own, batch folded into groups) too
+        cpu = [t.cpu().detach().requires_grad_(True) for t in cuda]
+        reference = mixture_conv2d(*cpu[:4], 2, 1, mode="kernels", spatial=cpu[4], channel=cpu[5], filter=cpu[6])
+        grad_out = torch.randn_like(reference)
+        for g, g_ref in zip(torch.autograd.grad(got, cuda, grad_out.cuda()),
+                            torch.autograd.grad(reference, cpu, grad_out)):
+            torch.testing.assert_close(g.cpu(), g_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_selector_times_triton_for_cuda_inference(monkeypatch):
-    """At inference on CUDA the Triton kernel is one of the timed candidates (and only wins by measurement)."""
+@pytest.mark.parametrize("train", [False, True])
+def test_selector_times_triton_on_cuda(monkeypatch, train):
+    """On CUDA the Triton kernel is one of the timed candidates, at inference and in training (and only wins by
+    measurement)."""
     pytest.importorskip("triton")
     from dynconv.functional import selector
 
@@ -72,8 +81,8 @@ def test_selector_times_triton_for_cuda_inference(monkeypatch):
     selector.clear_cache()
     x, experts, coefficients = (t.float().cuda() for t in _mixture_case())
     experts = experts.repeat(1, 4, 1, 1, 1)  # 24 output channels: wide enough for its tiles
-    with selector.policy("measure"), torch.no_grad():
-        mixture_conv2d(x, experts, coefficients, None, 1, 1)
+    with selector.policy("measure"), torch.set_grad_enabled(train):
+        mixture_conv2d(x.requires_grad_(train), experts, coefficients, None, 1, 1)
     measured = [entry for key, entry in selector.choices().items() if key.startswith("mixture_conv2d cuda")]
     selector.clear_cache()
     assert measured and "triton" in measured[0]["ms"]

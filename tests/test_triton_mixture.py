@@ -1,6 +1,6 @@
 """The "triton" mixture algorithm (dynconv/functional/triton_mixture.py): exact against the per-sample reference in
-float64, run on the CPU through Triton's interpreter (the same kernel source the GPU compiles), and offered by the
-selector only where it can run and win (CUDA inference)."""
+float64, forward and backward, run on the CPU through Triton's interpreter (the same kernel source the GPU
+compiles), and offered by the selector only where it can run (CUDA), to win by measurement."""
 
 from __future__ import annotations
 
@@ -25,11 +25,46 @@ CASES = [(case, scales, batch, bias, single)
                               for c, s, b, bb, one in CASES])
 def test_triton_equals_reference_in_float64(case, scales, batch, bias, single):
     """Every geometry of the mixture tests (stride, dilation, 1x1, grouped, depthwise), every ODConv scale set,
-    n = 1, batch 1, with and without bias: the interpreted kernel equals one F.conv2d per sample to 1e-12."""
+    n = 1, batch 1, with and without bias: the interpreted kernel equals one F.conv2d per sample to 1e-12, and its
+    backward gives every input's gradient (input, kernels, coefficients, bias, the three scales) to 1e-11."""
     tensors, conv = _mixture_inputs(case, batch, bias, scales, single)
+    leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
+    ref_leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
+    y = mixture_conv2d(*leaves[:4], **conv, mode="triton", spatial=leaves[4], channel=leaves[5], filter=leaves[6])
+    y_ref = _mixture_reference(*ref_leaves, conv)
+    torch.testing.assert_close(y, y_ref, rtol=0.0, atol=1e-12)
+    grad_out = torch.randn_like(y_ref)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, wanted, grad_out)
+    grads_ref = torch.autograd.grad(y_ref, [t for t in ref_leaves if t is not None], grad_out)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0.0, atol=1e-11)
+
+
+def test_triton_gradients_of_some_inputs_only():
+    """Only the coefficients want a gradient (frozen kernels, a fixed input), then only the input: each gets the
+    reference's, and nothing else is computed."""
+    tensors, conv = _mixture_inputs("stride2-dilation", 3, True, "spatial+channel+filter", False)
+    for wanted_index in (2, 0):
+        leaves = [None if t is None else t.clone().requires_grad_(i == wanted_index) for i, t in enumerate(tensors)]
+        ref_leaves = [None if t is None else t.clone().requires_grad_(i == wanted_index)
+                      for i, t in enumerate(tensors)]
+        y = mixture_conv2d(*leaves[:4], **conv, mode="triton", spatial=leaves[4], channel=leaves[5],
+                           filter=leaves[6])
+        (grad,) = torch.autograd.grad(y.square().sum(), leaves[wanted_index])
+        (grad_ref,) = torch.autograd.grad(_mixture_reference(*ref_leaves, conv).square().sum(),
+                                          ref_leaves[wanted_index])
+        torch.testing.assert_close(grad, grad_ref, rtol=0.0, atol=1e-11)
+
+
+def test_triton_keeps_channels_last():
+    """A channels-last input (how training runs on GPUs) is read through its strides and the output keeps its
+    layout; the values are the reference's."""
+    tensors, conv = _mixture_inputs("3x3", 3, True, "channel", False)
+    x = tensors[0].contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        y = mixture_conv2d(*tensors[:4], **conv, mode="triton", spatial=tensors[4], channel=tensors[5],
-                           filter=tensors[6])
+        y = mixture_conv2d(x, *tensors[1:4], **conv, mode="triton", channel=tensors[5])
+    assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, _mixture_reference(*tensors, conv), rtol=0.0, atol=1e-12)
 
 
@@ -63,19 +98,10 @@ def test_triton_float32_agrees_with_kernels_mode():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_refuses_gradients_with_a_clear_error():
-    """Inference only: asked for a graph it says so, and names what to do, instead of returning a result whose
-    backward would be silently missing."""
-    tensors, conv = _mixture_inputs("3x3", 2, False, "none", False)
-    x = tensors[0].clone().requires_grad_(True)
-    with pytest.raises(ValueError, match="inference-only"):
-        mixture_conv2d(x, *tensors[1:4], **conv, mode="triton")
-
-
-def test_selector_offers_triton_only_for_cuda_inference(monkeypatch):
-    """On CPU tensors (here) the selector never times it (the interpreter is for tests), a forced policy
-    "triton" falls back to the cost model, and with a gradient wanted it is not a candidate even where the
-    device would allow it."""
+def test_selector_offers_triton_only_on_cuda(monkeypatch):
+    """On CPU tensors (here) the selector never times it (the interpreter is for tests) and a forced policy
+    "triton" falls back to the cost model; where the device allows it, it is a candidate for inference and
+    training, not under autocast (a custom autograd function)."""
     tensors, conv = _mixture_inputs("3x3", 2, False, "none", False)
     tensors = [None if t is None else t.float() for t in tensors]
     params = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
@@ -87,7 +113,7 @@ def test_selector_offers_triton_only_for_cuda_inference(monkeypatch):
     with torch.no_grad():
         assert "triton" in mixture.MIXTURE.timed(tensors, params)
     wanting_grad = [tensors[0].clone().requires_grad_(True), *tensors[1:]]
-    assert "triton" not in mixture.MIXTURE.timed(wanting_grad, params)
+    assert "triton" in mixture.MIXTURE.timed(wanting_grad, params)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert "triton" not in mixture.MIXTURE.timed(tensors, params)
 

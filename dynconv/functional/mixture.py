@@ -6,8 +6,8 @@ ODConv), with four exact algorithms (two in `mixture_algorithms.py`, one in `tri
   their outputs are mixed; never materialises B kernels (not with a spatial attention, which is per tap);
 - "fused": im2col and a blocked "mix a block of kernels, multiply it at once" matmul: the kernels'
   formulation without writing B kernels to memory; wins on CPU where kernels are large (late layers).
-- "triton": a Triton implicit-GEMM convolution that mixes the kernels inside its tiles (GPU inference only; on
-  CPU tensors an explicit mode="triton" runs Triton's interpreter, for tests).
+- "triton": a Triton implicit-GEMM convolution that mixes the kernels inside its tiles (CUDA; on CPU tensors an
+  explicit mode="triton" runs Triton's interpreter, for tests).
 
 Which one runs is `dynconv.functional.selector`'s decision (measured once per layer shape class by default).
 """
@@ -103,10 +103,8 @@ class MixtureRoutine(selector.Routine):
             return spatial is None
         if algorithm == "fused":
             return params[3] == 1 and not selector.autocast_on(x)  # a custom autograd function
-        if algorithm == "triton":  # GPU inference: no backward, and autocast's dtypes are not its own
-            wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-            return (not wants_grad and not selector.autocast_on(x)
-                    and triton_mixture.applicable(x, tensors[1], params[3]))
+        if algorithm == "triton":  # CUDA only; a custom autograd function, so not under autocast
+            return not selector.autocast_on(x) and triton_mixture.applicable(x, tensors[1], params[3])
         return True
 
     def cost_model(self, tensors, params):

@@ -8,10 +8,12 @@ factors (spatial x channel), before one `tl.dot`. The filter scale and the mixed
 accumulator. On a GPU this replaces "fold the batch into the groups of a cuDNN grouped convolution", whose speed
 is erratic across shapes, and "mix B kernels, then convolve", which writes and reads B kernels.
 
-Inference only (no backward): in training the backward would need two more kernels (the transposed convolution
-for the input's gradient and a per-sample kernel-gradient GEMM), not written because no GPU was available to
-measure whether the forward alone wins. The selector offers it only where no gradient is needed, on CUDA tensors,
-and only measures it: it runs where it is the timed winner of its shape.
+The backward (training) mixes the batch's kernels once, as the "kernels" algorithm does, and hands them to the
+convolution's own backward with the batch folded into the groups (cuDNN on a GPU): the input's gradient and the
+per-sample kernels' gradient, from which autograd of the mixing gives the coefficients', kernels', scales' and
+bias's. It keeps only the inputs (no kernels, no output), so it needs no `recompute`. Writing the backward's two
+convolutions as Triton kernels too is left until a GPU has measured the forward; the selector times this
+algorithm, forward and backward, only on CUDA tensors, and it runs only where it wins.
 
 Exactness is tested on the CPU through Triton's interpreter (`InterpretedFunction`, which runs the same kernel
 with NumPy): an explicit `mode="triton"` on CPU tensors takes that path (slow; for tests and references), in
@@ -27,6 +29,7 @@ import importlib.util
 
 import torch
 
+from dynconv.functional import mixture_algorithms as algorithms
 from dynconv.functional.per_sample import _pair, conv_output_size
 
 # Tile sizes. tl.dot needs at least 16 along each dimension; a group with fewer output channels (depthwise and
@@ -43,8 +46,8 @@ def available() -> bool:
 
 
 def applicable(x: torch.Tensor, experts: torch.Tensor, groups: int) -> bool:
-    """Whether the selector may time it for this call: CUDA, a supported dtype, no gradient wanted, output groups
-    of at least `MIN_OUT_PER_GROUP` channels. (An explicit `mode="triton"` also runs on the CPU, interpreted.)"""
+    """Whether the selector may time it for this call: CUDA, a supported dtype, output groups of at least
+    `MIN_OUT_PER_GROUP` channels. (An explicit `mode="triton"` also runs on the CPU, interpreted.)"""
     return (x.is_cuda and x.dtype in DTYPES and experts.dtype == x.dtype and experts.shape[1] // groups
             >= MIN_OUT_PER_GROUP and available())
 
@@ -56,6 +59,7 @@ def _kernel_source():
     def mixture_conv_kernel(
         x_ptr, experts_ptr, coefficients_ptr, bias_ptr, spatial_ptr, channel_ptr, filter_ptr, out_ptr,
         num_experts, channels, height, width, out_channels, out_height, out_width,
+        x_sb, x_sc, x_sh, x_sw, out_sb, out_sc, out_sh, out_sw,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         in_per_group, out_per_group, p_blocks, o_blocks,
         KH: tl.constexpr, KW: tl.constexpr, HAS_COEFFICIENTS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -80,7 +84,7 @@ def _kernel_source():
         oh = p // out_width
         ow = p % out_width
         out_channel = g * out_per_group + o
-        x_sample = x_ptr + b.to(tl.int64) * channels * height * width
+        x_sample = x_ptr + b.to(tl.int64) * x_sb  # strides: NCHW or channels-last alike
         acc = tl.full((BLOCK_P, BLOCK_O), 0.0, dtype=ACC)
         for k0 in range(0, reduction, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -93,7 +97,7 @@ def _kernel_source():
             iw = ow[:, None] * stride_w - pad_w + j[None, :] * dil_w
             inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width) & p_ok[:, None] & k_ok[None, :]
             in_channel = g * in_per_group + c
-            patch = tl.load(x_sample + (in_channel[None, :] * height + ih) * width + iw, mask=inside, other=0.0)
+            patch = tl.load(x_sample + in_channel[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=inside, other=0.0)
             # The sample's weight tile (BLOCK_K, BLOCK_O): sum_i c_bi W_i, mixed here, never stored.
             w_ok = k_ok[:, None] & o_ok[None, :]
             w_offsets = out_channel[None, :] * reduction + k[:, None]
@@ -114,7 +118,8 @@ def _kernel_source():
             acc += tl.load(bias_ptr + b * out_channels + out_channel, mask=o_ok, other=0.0).to(ACC)[None, :]
         if HAS_FILTER:
             acc *= tl.load(filter_ptr + b * out_channels + out_channel, mask=o_ok, other=0.0).to(ACC)[None, :]
-        out = out_ptr + (b.to(tl.int64) * out_channels + out_channel[None, :]) * positions + p[:, None]
+        out = (out_ptr + b.to(tl.int64) * out_sb + out_channel[None, :] * out_sc + oh[:, None] * out_sh
+               + ow[:, None] * out_sw)
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
 
     return mixture_conv_kernel
@@ -137,37 +142,92 @@ def by_triton(x, experts, coefficients, expert_bias, spatial, channel, filter, s
     """`mixture_conv2d`'s signature; CUDA tensors run compiled, CPU tensors through Triton's interpreter."""
     if not available():
         raise ValueError("mode='triton' needs Triton (it ships with CUDA builds of PyTorch: pip install triton)")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, experts, coefficients, expert_bias, spatial, channel, filter)):
-        raise ValueError("mode='triton' is inference-only (no backward): run it under torch.no_grad() or "
-                         "torch.inference_mode(), or use another mode for training")
     if x.dtype not in DTYPES:
         raise ValueError(f"mode='triton' supports {', '.join(str(d) for d in DTYPES)}, got {x.dtype}")
+    tensors = (x, experts, coefficients, expert_bias, spatial, channel, filter)
+    geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return TritonMixtureConv.apply(geometry, *tensors)
+    return _forward(tensors, geometry)
+
+
+def _forward(tensors, geometry) -> torch.Tensor:
+    """Launch the kernel: y (B, O, H', W') in x's memory format (NCHW or channels-last)."""
     import triton.language as tl
 
+    x, experts, coefficients, expert_bias, spatial, channel, filter = tensors
+    (sh, sw), (ph, pw), (dh, dw), groups = geometry
     batch, channels, height, width = x.shape
     num_experts, out_channels, in_per_group, kh, kw = experts.shape
-    out_h, out_w = conv_output_size(x, (kh, kw), stride, padding, dilation)
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    out_h, out_w = conv_output_size(x, (kh, kw), *geometry[:3])
     out_per_group = out_channels // groups
-    bias = None
-    if expert_bias is not None:
-        bias = expert_bias[0].expand(batch, -1) if coefficients is None else coefficients @ expert_bias
-        bias = bias.to(x.dtype).contiguous()
-    x, experts = x.contiguous(), experts.to(x.dtype).contiguous()
-    optional = [None if t is None else t.to(x.dtype).contiguous() for t in (coefficients, spatial, channel, filter)]
-    coefficients, spatial, channel, filter = optional
-    out = x.new_empty(batch, out_channels, out_h, out_w)
+    bias = algorithms.mixed_bias(coefficients, expert_bias, batch)
+    experts = experts.to(x.dtype).contiguous()
+    small = [None if t is None else t.to(x.dtype).contiguous() for t in (coefficients, bias, spatial, channel, filter)]
+    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    out = torch.empty(batch, out_channels, out_h, out_w, dtype=x.dtype, device=x.device, memory_format=layout)
     block_o = min(64, max(16, 1 << (out_per_group - 1).bit_length()))
     p_blocks = -(-out_h * out_w // BLOCK_P)
     o_blocks = -(-out_per_group // block_o)
     placeholder = experts  # a valid pointer for the absent optional tensors (their loads are compiled out)
+    coefficients, bias, spatial, channel, filter = small
     _compiled(not x.is_cuda)[(batch * groups * p_blocks * o_blocks,)](
-        x, experts, *(placeholder if t is None else t for t in (coefficients, bias, spatial, channel, filter)), out,
-        num_experts, channels, height, width, out_channels, out_h, out_w, sh, sw, ph, pw, dh, dw,
-        in_per_group, out_per_group, p_blocks, o_blocks,
+        x, experts, *(placeholder if t is None else t for t in small), out,
+        num_experts, channels, height, width, out_channels, out_h, out_w, *x.stride(), *out.stride(),
+        sh, sw, ph, pw, dh, dw, in_per_group, out_per_group, p_blocks, o_blocks,
         KH=kh, KW=kw, HAS_COEFFICIENTS=coefficients is not None, HAS_BIAS=bias is not None,
         HAS_SPATIAL=spatial is not None, HAS_CHANNEL=channel is not None, HAS_FILTER=filter is not None,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_P=BLOCK_P, BLOCK_O=block_o,
         BLOCK_K=BLOCK_K)
     return out
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class TritonMixtureConv(torch.autograd.Function):
+    """The kernel's forward; a backward through the mixed kernels (module docstring). Keeps the inputs only."""
+
+    @staticmethod
+    def forward(ctx, geometry, *tensors):
+        ctx.geometry = geometry
+        ctx.save_for_backward(*tensors)
+        return _forward(tensors, geometry)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, experts, coefficients, expert_bias, spatial, channel, filter = ctx.saved_tensors
+        (stride, padding, dilation, groups), wanted = ctx.geometry, ctx.needs_input_grad[1:]
+        batch, channels = x.shape[:2]
+        out_channels = experts.shape[1]
+        # Leaves for the small mixing graph: everything but x, whose gradient the convolution's backward gives.
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((experts, coefficients, expert_bias, spatial, channel, filter), wanted[1:])]
+        experts_, coefficients_, bias_, spatial_, channel_, filter_ = leaves
+        with torch.enable_grad():
+            kernels = experts_[:1].expand(batch, *experts.shape[1:]) if coefficients_ is None else (
+                coefficients_ @ experts_.flatten(1)).view(batch, *experts.shape[1:])
+            kernels = algorithms.scale_kernels(kernels, spatial_, channel_, filter_, groups)
+            bias = algorithms.mixed_bias(coefficients_, bias_, batch)
+            if bias is not None and filter_ is not None:
+                bias = bias * filter_
+        grad = grad.contiguous()
+        # The batch folded into the groups: one convolution backward for every sample's own kernels.
+        grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
+            grad.view(1, batch * out_channels, *grad.shape[2:]), x.reshape(1, batch * channels, *x.shape[2:]),
+            kernels.detach().reshape(batch * out_channels, *kernels.shape[2:]), None, list(stride), list(padding),
+            list(dilation), False, [0, 0], batch * groups, [wanted[0], kernels.requires_grad, False])
+        outputs, grads = [], []
+        if kernels.requires_grad:
+            outputs.append(kernels)
+            grads.append(grad_kernels.view(kernels.shape))
+        if bias is not None and bias.requires_grad:
+            outputs.append(bias)
+            grads.append(grad.sum(dim=(2, 3)))
+        needed = [t for t in leaves if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad(outputs, needed, grads, allow_unused=True) if needed else ())
+        grad_leaves = [next(found) if t is not None and t.requires_grad else None for t in leaves]
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return (None, grad_x, *grad_leaves)
