@@ -98,10 +98,29 @@ def test_triton_float32_agrees_with_kernels_mode():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_under_autocast_computes_in_its_dtype(dtype):
+    """Under autocast the operands go to autocast's dtype, as for a convolution: half-precision products with
+    float32 accumulation, a result in that dtype, within half-precision rounding of the kernels mode under the same
+    autocast (whose float32 filter scale makes its own result float32); the gradients reach the float32 parameters
+    in float32."""
+    tensors, conv = _mixture_inputs("3x3", 3, True, "spatial+channel+filter", False)
+    leaves = [t.float().requires_grad_(True) for t in tensors]
+    with torch.autocast("cpu", dtype=dtype):
+        y = mixture_conv2d(*leaves[:4], **conv, mode="triton", spatial=leaves[4], channel=leaves[5],
+                           filter=leaves[6])
+        expected = mixture_conv2d(*[t.detach() for t in leaves[:4]], **conv, mode="kernels",
+                                  spatial=leaves[4].detach(), channel=leaves[5].detach(), filter=leaves[6].detach())
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), expected.float(), rtol=0.05, atol=0.02 * expected.abs().max().item())
+    grads = torch.autograd.grad(y.float().sum(), leaves)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 def test_selector_offers_triton_only_on_cuda(monkeypatch):
     """On CPU tensors (here) the selector never times it (the interpreter is for tests) and a forced policy
     "triton" falls back to the cost model; where the device allows it, it is a candidate for inference and
-    training, not under autocast (a custom autograd function)."""
+    training, under autocast too."""
     tensors, conv = _mixture_inputs("3x3", 2, False, "none", False)
     tensors = [None if t is None else t.float() for t in tensors]
     params = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
@@ -115,7 +134,7 @@ def test_selector_offers_triton_only_on_cuda(monkeypatch):
     wanting_grad = [tensors[0].clone().requires_grad_(True), *tensors[1:]]
     assert "triton" in mixture.MIXTURE.timed(wanting_grad, params)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "triton" not in mixture.MIXTURE.timed(tensors, params)
+        assert "triton" in mixture.MIXTURE.timed(tensors, params)
 
 
 def test_applicable_needs_cuda_and_wide_enough_groups():

@@ -64,6 +64,7 @@ def _kernel_source():
         in_per_group, out_per_group, p_blocks, o_blocks,
         KH: tl.constexpr, KW: tl.constexpr, HAS_COEFFICIENTS: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr, HAS_FILTER: tl.constexpr, ACC: tl.constexpr,
+        DOT: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # One flat grid (a depthwise layer at batch 100 has more sample-groups than a grid axis allows).
@@ -113,7 +114,8 @@ def _kernel_source():
                 weight *= tl.load(spatial_ptr + b * KH * KW + tap, mask=k_ok, other=0.0).to(ACC)[:, None]
             if HAS_CHANNEL:
                 weight *= tl.load(channel_ptr + b * channels + in_channel, mask=k_ok, other=0.0).to(ACC)[:, None]
-            acc += tl.dot(patch.to(ACC), weight, input_precision="ieee", out_dtype=ACC)
+            # Half-precision operands stay half (tensor cores, like cuDNN's), accumulated in float32.
+            acc += tl.dot(patch.to(DOT), weight.to(DOT), input_precision="ieee", out_dtype=ACC)
         if HAS_BIAS:  # the mixed bias (B, O), before the filter scale like the kernels' own bias
             acc += tl.load(bias_ptr + b * out_channels + out_channel, mask=o_ok, other=0.0).to(ACC)[None, :]
         if HAS_FILTER:
@@ -146,6 +148,14 @@ def by_triton(x, experts, coefficients, expert_bias, spatial, channel, filter, s
         raise ValueError(f"mode='triton' supports {', '.join(str(d) for d in DTYPES)}, got {x.dtype}")
     tensors = (x, experts, coefficients, expert_bias, spatial, channel, filter)
     geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        # As autocast runs a convolution: every operand in its dtype (the casts recorded for autograd), then the
+        # kernel with autocast off.
+        dtype = torch.get_autocast_dtype(device)
+        tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
+        with torch.autocast(device, enabled=False):
+            return by_triton(*tensors, stride, padding, dilation, groups)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return TritonMixtureConv.apply(geometry, *tensors)
     return _forward(tensors, geometry)
@@ -177,9 +187,21 @@ def _forward(tensors, geometry) -> torch.Tensor:
         sh, sw, ph, pw, dh, dw, in_per_group, out_per_group, p_blocks, o_blocks,
         KH=kh, KW=kw, HAS_COEFFICIENTS=coefficients is not None, HAS_BIAS=bias is not None,
         HAS_SPATIAL=spatial is not None, HAS_CHANNEL=channel is not None, HAS_FILTER=filter is not None,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_P=BLOCK_P, BLOCK_O=block_o,
-        BLOCK_K=BLOCK_K)
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, DOT=_dot_type(x), BLOCK_P=BLOCK_P,
+        BLOCK_O=block_o, BLOCK_K=BLOCK_K)
     return out
+
+
+def _dot_type(x: torch.Tensor):
+    """The `tl.dot` operands' type: the input's. Except bfloat16 in the interpreter, whose dot multiplies bfloat16's
+    raw bits (NumPy has no bfloat16; Triton 3.8 gave 1e10 for a product of unit-size values): there the operands go
+    to float32, where products of bfloat16 values are exact, which is what the GPU's bfloat16 dot computes."""
+    import triton.language as tl
+
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        return tl.float32
+    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+            torch.bfloat16: tl.bfloat16}[x.dtype]
 
 
 def _channels_last(x: torch.Tensor) -> bool:
