@@ -69,19 +69,36 @@ def test_triton_keeps_channels_last():
 
 
 def test_triton_tiles_cover_several_blocks_and_ragged_edges():
-    """More output positions than one BLOCK_P tile, more output channels than one BLOCK_O tile and a reduction
-    longer than BLOCK_K, none of them multiples of the tile: every tile and its masked edge are right."""
+    """More output positions than one BLOCK_P tile, more output channels per group than one BLOCK_O tile, two groups
+    and a reduction longer than BLOCK_K, none of them multiples of the tile: every tile and its masked edge are
+    right."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 13, 11, 9, dtype=torch.float64, generator=gen)  # K = 117, 99 positions
-    experts = torch.randn(3, 70, 13, 3, 3, dtype=torch.float64, generator=gen)  # 70 = 64 + 6 output channels
+    x = torch.randn(2, 26, 11, 9, dtype=torch.float64, generator=gen)  # K = 117 per group, 99 positions
+    experts = torch.randn(3, 300, 13, 3, 3, dtype=torch.float64, generator=gen)  # 150 = 128 + 22 per group
     coefficients = torch.rand(2, 3, dtype=torch.float64, generator=gen)
-    bias = torch.randn(3, 70, dtype=torch.float64, generator=gen)
-    channel = torch.rand(2, 13, dtype=torch.float64, generator=gen)
-    filters = torch.rand(2, 70, dtype=torch.float64, generator=gen)
-    conv = dict(stride=1, padding=1, dilation=1, groups=1)
+    bias = torch.randn(3, 300, dtype=torch.float64, generator=gen)
+    channel = torch.rand(2, 26, dtype=torch.float64, generator=gen)
+    filters = torch.rand(2, 300, dtype=torch.float64, generator=gen)
+    conv = dict(stride=1, padding=1, dilation=1, groups=2)
+    assert triton_mixture._tiles(99, 150)[:2] == (64, 128)
     with torch.no_grad():
         y = mixture_conv2d(x, experts, coefficients, bias, **conv, mode="triton", channel=channel, filter=filters)
     reference = _mixture_reference(x, experts, coefficients, bias, None, channel, filters, conv)
+    torch.testing.assert_close(y, reference, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("size", "out_channels", "block_p"), [(64, 16, 128), (5, 40, 32)])
+def test_triton_tile_sizes_by_layer_size(size, out_channels, block_p):
+    """A large map takes 128-position tiles, a tiny one 32: both exact (float64)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64, generator=gen)
+    experts = torch.randn(2, out_channels, 3, 3, 3, dtype=torch.float64, generator=gen)
+    coefficients = torch.rand(1, 2, dtype=torch.float64, generator=gen)
+    conv = dict(stride=1, padding=1, dilation=1, groups=1)
+    assert triton_mixture._tiles(size * size, out_channels)[0] == block_p
+    with torch.no_grad():
+        y = mixture_conv2d(x, experts, coefficients, None, **conv, mode="triton")
+    reference = _mixture_reference(x, experts, coefficients, None, None, None, None, conv)
     torch.testing.assert_close(y, reference, rtol=0.0, atol=1e-12)
 
 

@@ -18,8 +18,9 @@ algorithm, forward and backward, only on CUDA tensors, and it runs only where it
 Exactness is tested on the CPU through Triton's interpreter (`InterpretedFunction`, which runs the same kernel
 with NumPy): an explicit `mode="triton"` on CPU tensors takes that path (slow; for tests and references), in
 float64 against the per-sample reference (tests/test_triton_mixture.py). Accumulation is in float32 (float64 for
-float64 inputs) with exact float32 products (`input_precision="ieee"`, no TF32), so it agrees with the other
-algorithms to rounding.
+float64 inputs); float32 products are made as cuDNN makes the other algorithms' convolutions on the same GPU (TF32
+where `torch.backends.cudnn.allow_tf32`, PyTorch's default, else exact), so the choice between algorithms never
+changes the precision class.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ import torch
 from dynconv.functional import mixture_algorithms as algorithms
 from dynconv.functional.per_sample import _pair, conv_output_size
 
-# Tile sizes. tl.dot needs at least 16 along each dimension; a group with fewer output channels (depthwise and
-# narrow grouped convolutions) would waste most of each tile, so the selector does not offer it there.
-BLOCK_P = 64
+# Tile sizes (`_tiles`): tl.dot needs at least 16 along each dimension; a group with fewer output channels
+# (depthwise and narrow grouped convolutions) would waste most of each tile, so the selector does not offer it there.
 BLOCK_K = 32
 MIN_OUT_PER_GROUP = 16
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -64,7 +64,7 @@ def _kernel_source():
         in_per_group, out_per_group, p_blocks, o_blocks,
         KH: tl.constexpr, KW: tl.constexpr, HAS_COEFFICIENTS: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr, HAS_FILTER: tl.constexpr, ACC: tl.constexpr,
-        DOT: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # One flat grid (a depthwise layer at batch 100 has more sample-groups than a grid axis allows).
@@ -115,7 +115,7 @@ def _kernel_source():
             if HAS_CHANNEL:
                 weight *= tl.load(channel_ptr + b * channels + in_channel, mask=k_ok, other=0.0).to(ACC)[:, None]
             # Half-precision operands stay half (tensor cores, like cuDNN's), accumulated in float32.
-            acc += tl.dot(patch.to(DOT), weight.to(DOT), input_precision="ieee", out_dtype=ACC)
+            acc += tl.dot(patch.to(DOT), weight.to(DOT), input_precision=PRECISION, out_dtype=ACC)
         if HAS_BIAS:  # the mixed bias (B, O), before the filter scale like the kernels' own bias
             acc += tl.load(bias_ptr + b * out_channels + out_channel, mask=o_ok, other=0.0).to(ACC)[None, :]
         if HAS_FILTER:
@@ -176,8 +176,8 @@ def _forward(tensors, geometry) -> torch.Tensor:
     small = [None if t is None else t.to(x.dtype).contiguous() for t in (coefficients, bias, spatial, channel, filter)]
     layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
     out = torch.empty(batch, out_channels, out_h, out_w, dtype=x.dtype, device=x.device, memory_format=layout)
-    block_o = min(64, max(16, 1 << (out_per_group - 1).bit_length()))
-    p_blocks = -(-out_h * out_w // BLOCK_P)
+    block_p, block_o, warps = _tiles(out_h * out_w, out_per_group)
+    p_blocks = -(-out_h * out_w // block_p)
     o_blocks = -(-out_per_group // block_o)
     placeholder = experts  # a valid pointer for the absent optional tensors (their loads are compiled out)
     coefficients, bias, spatial, channel, filter = small
@@ -187,9 +187,19 @@ def _forward(tensors, geometry) -> torch.Tensor:
         sh, sw, ph, pw, dh, dw, in_per_group, out_per_group, p_blocks, o_blocks,
         KH=kh, KW=kw, HAS_COEFFICIENTS=coefficients is not None, HAS_BIAS=bias is not None,
         HAS_SPATIAL=spatial is not None, HAS_CHANNEL=channel is not None, HAS_FILTER=filter is not None,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, DOT=_dot_type(x), BLOCK_P=BLOCK_P,
-        BLOCK_O=block_o, BLOCK_K=BLOCK_K)
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, DOT=_dot_type(x), PRECISION=_precision(x),
+        BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=BLOCK_K, **({"num_warps": warps} if x.is_cuda else {}))
     return out
+
+
+def _tiles(positions: int, out_per_group: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_O, warps) for one call: the output tile as large as the layer fills (up to 128 x 128, a
+    float32 accumulator of 64 registers per thread at 8 warps), smaller where it would be mostly padding (7x7 maps,
+    narrow groups). A fixed rule, not autotuned: the selector times the algorithm as a whole against cuDNN's, and
+    autotuning each shape would add compilations to that first measurement. Not yet tuned on a GPU."""
+    block_p = 128 if positions >= 4096 else 64 if positions > 32 else 32
+    block_o = min(128, max(16, 1 << (out_per_group - 1).bit_length()))
+    return block_p, block_o, 8 if block_p * block_o >= 128 * 128 else 4
 
 
 def _dot_type(x: torch.Tensor):
@@ -202,6 +212,13 @@ def _dot_type(x: torch.Tensor):
         return tl.float32
     return {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
             torch.bfloat16: tl.bfloat16}[x.dtype]
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 products as cuDNN's convolutions make them (the other algorithms' path on a GPU): TF32 tensor cores
+    where `torch.backends.cudnn.allow_tf32` (PyTorch's default) allows it, else exact; exact in the interpreter."""
+    tf32 = x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return "tf32" if tf32 else "ieee"
 
 
 def _channels_last(x: torch.Tensor) -> bool:
