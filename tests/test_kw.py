@@ -394,3 +394,21 @@ def test_fused_blocks_of_output_channels_equal_the_reference(case, monkeypatch):
     params = [x, layer.warehouse.cells, *layer.attention.parameters()]
     for g, w in zip(torch.autograd.grad(out, params, grad_out), torch.autograd.grad(expected, params, grad_out)):
         torch.testing.assert_close(g, w)
+
+
+def test_warns_when_attentions_dwarf_the_kernels():
+    """A warehouse shared by layers of unrelated widths gets tiny cells and quadratic attentions (MobileNetV3-Small
+    under the generic layout: ~12x the kernels it makes dynamic): conversion warns, naming the warehouse, its cells
+    and op.sharing=layer, which builds without the warning; the paper's layouts never warn."""
+    import warnings
+
+    import dynconv
+
+    with torch.device("meta"), pytest.warns(UserWarning, match=r"op=kw on mobilenetv3_small: .*op\.sharing=layer"):
+        dynconv.create_model("mobilenetv3_small", op="kw", num_classes=1000)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="op=kw on")
+        for name, knobs in [("mobilenetv3_small", {"sharing": "layer"}), ("resnet18", {}), ("mobilenetv2_050",
+                                                                                          {"b": 4})]:
+            with torch.device("meta"):
+                dynconv.create_model(name, op="kw", num_classes=1000, **knobs)

@@ -21,6 +21,7 @@ the layer's input channels (ResNet18's layer1), and the release starts ResNet18 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 
 import torch
@@ -37,6 +38,12 @@ from dynconv.ops.kw.plan import (INIT_STRATEGIES, Assignment, KernelShape, Layer
 
 SHARING = ("stage", "layer", "none")
 SHARING_DIMS = ("all", "same")
+# Attention parameters above this multiple of the kernels made dynamic get a warning at conversion. The paper's
+# layouts stay at or below 1x (ResNet18/50 0.02-0.16x, MobileNetV2 0.6-1.0x); a warehouse shared by layers of
+# unrelated widths (MobileNetV3, ShuffleNetV2, ResNeXt's 4-channel groups under the generic or ResNet layout)
+# gets cells as small as the greatest common divisor of their channels, and each layer's attention, which scores
+# m mixtures x n cells, grows with the square of the cell count: 12-83x, up to 221M parameters.
+ATTENTION_WARNING_RATIO = 2.0
 
 
 def is_fused_qkv(layer: LayerInfo) -> bool:
@@ -81,6 +88,7 @@ class KernelWarehouseOperator(Operator):
             raise OperatorConfigError(f"op.sharing=none needs a whole budget (every mixture owns b cells): op.b="
                                       f"{self.budget} is invalid with it; allowed values are 1, 2, 4")
         self.plan: dict[str, tuple[WarehouseSpec, LayerCells]] = {}
+        self.sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # warehouse -> [attention, kernel] params
         self.static_reasons: dict[str, str] = {}
         self.warehouses: dict[str, Warehouse] = {}
 
@@ -89,6 +97,7 @@ class KernelWarehouseOperator(Operator):
     def prepare(self, backbone: nn.Module, layers: list[LayerInfo]) -> None:
         layout = layout_for(backbone.family, self.layout_source)
         check_budget(layout, self.budget, backbone.name)
+        self.layout_name, self.backbone_name = layout.name, backbone.name
         self.norm = layout.norm
         candidates = [layer for layer in layers if Operator.refuse(self, layer) is None]
         decided = layout.assign(candidates, self.budget)
@@ -149,7 +158,33 @@ class KernelWarehouseOperator(Operator):
             built = KWLinear(shape.in_per_group, shape.out_channels, bias=bias, partition=cells, attention=attention)
         link_warehouse(built, warehouse)
         self._init_cells(warehouse, cells, built.kernel_shape, self.weight_init)
+        sizes = self.sizes[spec.key]
+        sizes[0] += sum(p.numel() for p in attention.parameters())
+        sizes[1] += shape.out_channels * shape.in_per_group * math.prod(shape.kernel_size)
         return SplitQKV(module, built) if is_fused_qkv(layer) else built
+
+    def finalize(self, model: nn.Module, decisions) -> None:
+        """Warn when the attentions dwarf the kernels they make dynamic (`ATTENTION_WARNING_RATIO`), naming the
+        warehouse that costs most, its cells, and the knobs that keep cells large."""
+        attention = sum(a for a, _ in self.sizes.values())
+        kernels = sum(k for _, k in self.sizes.values())
+        if not kernels or attention <= ATTENTION_WARNING_RATIO * kernels:
+            return
+        key, (worst, _) = max(self.sizes.items(), key=lambda item: item[1][0])
+        spec = self.plan_specs()[key]
+        cell = "x".join(str(d) for d in spec.cell_shape)
+        layout = ("No paper layout covers this backbone, so the generic one shares a warehouse per stage"
+                  if self.layout_name == "generic" else f"The {self.layout_name} layout shares warehouses across layers")
+        warnings.warn(
+            f"op=kw on {self.backbone_name}: the attentions hold {attention / 1e6:.1f}M parameters, "
+            f"{attention / kernels:.0f}x the {kernels / 1e6:.2f}M of the kernels they make dynamic. {layout}, and "
+            f"cells are as small as the greatest common divisor of the sharing layers' channels: warehouse '{key}' "
+            f"has {spec.cells} cells of {cell} and {worst / 1e6:.1f}M attention parameters. op.sharing=layer (or "
+            f"op.sharing_dims=same, op.keep_static=[...]) keeps cells large", stacklevel=2)
+
+    def plan_specs(self) -> dict[str, WarehouseSpec]:
+        """Each warehouse's spec, by key."""
+        return {spec.key: spec for spec, _ in self.plan.values()}
 
     def _attention(self, layer: LayerInfo, spec: WarehouseSpec, cells: LayerCells, shape: KernelShape) -> KWAttention:
         beta = torch.zeros(cells.mixtures, spec.cells + 1)
