@@ -160,3 +160,28 @@ def test_applicable_needs_cuda_and_wide_enough_groups():
     if torch.cuda.is_available():
         assert triton_mixture.applicable(x.cuda(), torch.randn(4, 32, 32, 3, 3).cuda(), 1)
         assert not triton_mixture.applicable(x.cuda(), torch.randn(4, 32, 1, 3, 3).cuda(), 32)  # depthwise
+
+
+def test_a_kernel_that_cannot_compile_is_dropped_by_the_selector(monkeypatch):
+    """A compilation failure (here simulated: Triton's errors are not RuntimeErrors) surfaces as a RuntimeError
+    naming the kernel, which the selector's timing treats as a candidate that cannot run: the call still gives the
+    right result by another algorithm."""
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise SyntaxError("unsupported on this GPU")
+            return launch
+
+    monkeypatch.setattr(triton_mixture, "_compiled", lambda interpreted: Broken())
+    tensors, conv = _mixture_inputs("3x3", 3, False, "none", False)
+    with pytest.raises(RuntimeError, match="Triton mixture kernel failed: SyntaxError"), torch.no_grad():
+        mixture_conv2d(*tensors[:4], **conv, mode="triton")
+    monkeypatch.setattr(triton_mixture, "applicable", lambda x, experts, groups: True)
+    monkeypatch.setattr(selector, "MEASURE_MIN_MACS", 0)
+    selector.clear_cache()
+    with selector.policy("measure"), torch.no_grad():
+        y = mixture_conv2d(*tensors[:4], **conv)
+    chosen = [entry for key, entry in selector.choices().items() if key.startswith("mixture_conv2d")]
+    selector.clear_cache()
+    assert chosen and "triton" not in chosen[0]["ms"]
+    torch.testing.assert_close(y, _mixture_reference(*tensors, conv), rtol=0.0, atol=1e-12)

@@ -26,9 +26,14 @@ changes the precision class.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+
+try:  # Triton ships with the CUDA builds of PyTorch; CPU builds lack it, and this algorithm then never applies
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
 
 from dynconv.functional import mixture_algorithms as algorithms
 from dynconv.functional.per_sample import _pair, conv_output_size
@@ -42,7 +47,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def available() -> bool:
     """Whether Triton can be imported (it ships with the CUDA builds of PyTorch)."""
-    return importlib.util.find_spec("triton") is not None
+    return tl is not None
 
 
 def applicable(x: torch.Tensor, experts: torch.Tensor, groups: int) -> bool:
@@ -52,92 +57,84 @@ def applicable(x: torch.Tensor, experts: torch.Tensor, groups: int) -> bool:
             >= MIN_OUT_PER_GROUP and available())
 
 
-def _kernel_source():
-    """The kernel, defined only when Triton is imported (it is optional: CPU builds of PyTorch lack it)."""
-    import triton.language as tl
+# The kernel as a plain function: `_compiled` jits it for the GPU or wraps it for the interpreter.
+def _mixture_conv_kernel(
+    x_ptr, experts_ptr, coefficients_ptr, bias_ptr, spatial_ptr, channel_ptr, filter_ptr, out_ptr,
+    num_experts, channels, height, width, out_channels, out_height, out_width,
+    x_sb, x_sc, x_sh, x_sw, out_sb, out_sc, out_sh, out_sw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    in_per_group, out_per_group, p_blocks, o_blocks,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_COEFFICIENTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr, HAS_FILTER: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One flat grid (a depthwise layer at batch 100 has more sample-groups than a grid axis allows).
+    pid = tl.program_id(0)
+    o_block = pid % o_blocks
+    p_block = (pid // o_blocks) % p_blocks
+    sample_group = pid // (o_blocks * p_blocks)
+    groups = channels // in_per_group
+    b = sample_group // groups
+    g = sample_group % groups
+    reduction = in_per_group * KH * KW
+    positions = out_height * out_width
 
-    def mixture_conv_kernel(
-        x_ptr, experts_ptr, coefficients_ptr, bias_ptr, spatial_ptr, channel_ptr, filter_ptr, out_ptr,
-        num_experts, channels, height, width, out_channels, out_height, out_width,
-        x_sb, x_sc, x_sh, x_sw, out_sb, out_sc, out_sh, out_sw,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        in_per_group, out_per_group, p_blocks, o_blocks,
-        KH: tl.constexpr, KW: tl.constexpr, HAS_COEFFICIENTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr, HAS_FILTER: tl.constexpr, ACC: tl.constexpr,
-        DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # One flat grid (a depthwise layer at batch 100 has more sample-groups than a grid axis allows).
-        pid = tl.program_id(0)
-        o_block = pid % o_blocks
-        p_block = (pid // o_blocks) % p_blocks
-        sample_group = pid // (o_blocks * p_blocks)
-        groups = channels // in_per_group
-        b = sample_group // groups
-        g = sample_group % groups
-        reduction = in_per_group * KH * KW
-        positions = out_height * out_width
-
-        p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
-        o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
-        p_ok = p < positions
-        o_ok = o < out_per_group
-        oh = p // out_width
-        ow = p % out_width
-        out_channel = g * out_per_group + o
-        x_sample = x_ptr + b.to(tl.int64) * x_sb  # strides: NCHW or channels-last alike
-        acc = tl.full((BLOCK_P, BLOCK_O), 0.0, dtype=ACC)
-        for k0 in range(0, reduction, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < reduction
-            c = k // (KH * KW)  # k = c kh kw + i kw + j, the layout of a kernel (O, C/g, kh, kw)
-            tap = k % (KH * KW)
-            i = tap // KW
-            j = tap % KW
-            ih = oh[:, None] * stride_h - pad_h + i[None, :] * dil_h
-            iw = ow[:, None] * stride_w - pad_w + j[None, :] * dil_w
-            inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width) & p_ok[:, None] & k_ok[None, :]
-            in_channel = g * in_per_group + c
-            patch = tl.load(x_sample + in_channel[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=inside, other=0.0)
-            # The sample's weight tile (BLOCK_K, BLOCK_O): sum_i c_bi W_i, mixed here, never stored.
-            w_ok = k_ok[:, None] & o_ok[None, :]
-            w_offsets = out_channel[None, :] * reduction + k[:, None]
-            if HAS_COEFFICIENTS:
-                weight = tl.full((BLOCK_K, BLOCK_O), 0.0, dtype=ACC)
-                for n in range(0, num_experts):
-                    coefficient = tl.load(coefficients_ptr + b * num_experts + n).to(ACC)
-                    expert = tl.load(experts_ptr + n * out_channels * reduction + w_offsets, mask=w_ok, other=0.0)
-                    weight += coefficient * expert.to(ACC)
-            else:
-                weight = tl.load(experts_ptr + w_offsets, mask=w_ok, other=0.0).to(ACC)
-            if HAS_SPATIAL:  # ODConv's per-tap scales, on the K rows of the tile
-                weight *= tl.load(spatial_ptr + b * KH * KW + tap, mask=k_ok, other=0.0).to(ACC)[:, None]
-            if HAS_CHANNEL:
-                weight *= tl.load(channel_ptr + b * channels + in_channel, mask=k_ok, other=0.0).to(ACC)[:, None]
-            # Half-precision operands stay half (tensor cores, like cuDNN's), accumulated in float32.
-            acc += tl.dot(patch.to(DOT), weight.to(DOT), input_precision=PRECISION, out_dtype=ACC)
-        if HAS_BIAS:  # the mixed bias (B, O), before the filter scale like the kernels' own bias
-            acc += tl.load(bias_ptr + b * out_channels + out_channel, mask=o_ok, other=0.0).to(ACC)[None, :]
-        if HAS_FILTER:
-            acc *= tl.load(filter_ptr + b * out_channels + out_channel, mask=o_ok, other=0.0).to(ACC)[None, :]
-        out = (out_ptr + b.to(tl.int64) * out_sb + out_channel[None, :] * out_sc + oh[:, None] * out_sh
-               + ow[:, None] * out_sw)
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
-
-    return mixture_conv_kernel
+    p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
+    p_ok = p < positions
+    o_ok = o < out_per_group
+    oh = p // out_width
+    ow = p % out_width
+    out_channel = g * out_per_group + o
+    x_sample = x_ptr + b.to(tl.int64) * x_sb  # strides: NCHW or channels-last alike
+    acc = tl.full((BLOCK_P, BLOCK_O), 0.0, dtype=ACC)
+    for k0 in range(0, reduction, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < reduction
+        c = k // (KH * KW)  # k = c kh kw + i kw + j, the layout of a kernel (O, C/g, kh, kw)
+        tap = k % (KH * KW)
+        i = tap // KW
+        j = tap % KW
+        ih = oh[:, None] * stride_h - pad_h + i[None, :] * dil_h
+        iw = ow[:, None] * stride_w - pad_w + j[None, :] * dil_w
+        inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width) & p_ok[:, None] & k_ok[None, :]
+        in_channel = g * in_per_group + c
+        patch = tl.load(x_sample + in_channel[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=inside, other=0.0)
+        # The sample's weight tile (BLOCK_K, BLOCK_O): sum_i c_bi W_i, mixed here, never stored.
+        w_ok = k_ok[:, None] & o_ok[None, :]
+        w_offsets = out_channel[None, :] * reduction + k[:, None]
+        if HAS_COEFFICIENTS:
+            weight = tl.full((BLOCK_K, BLOCK_O), 0.0, dtype=ACC)
+            for n in range(0, num_experts):
+                coefficient = tl.load(coefficients_ptr + b * num_experts + n).to(ACC)
+                expert = tl.load(experts_ptr + n * out_channels * reduction + w_offsets, mask=w_ok, other=0.0)
+                weight += coefficient * expert.to(ACC)
+        else:
+            weight = tl.load(experts_ptr + w_offsets, mask=w_ok, other=0.0).to(ACC)
+        if HAS_SPATIAL:  # ODConv's per-tap scales, on the K rows of the tile
+            weight *= tl.load(spatial_ptr + b * KH * KW + tap, mask=k_ok, other=0.0).to(ACC)[:, None]
+        if HAS_CHANNEL:
+            weight *= tl.load(channel_ptr + b * channels + in_channel, mask=k_ok, other=0.0).to(ACC)[:, None]
+        # Half-precision operands stay half (tensor cores, like cuDNN's), accumulated in float32.
+        acc += tl.dot(patch.to(DOT), weight.to(DOT), input_precision=PRECISION, out_dtype=ACC)
+    if HAS_BIAS:  # the mixed bias (B, O), before the filter scale like the kernels' own bias
+        acc += tl.load(bias_ptr + b * out_channels + out_channel, mask=o_ok, other=0.0).to(ACC)[None, :]
+    if HAS_FILTER:
+        acc *= tl.load(filter_ptr + b * out_channels + out_channel, mask=o_ok, other=0.0).to(ACC)[None, :]
+    out = (out_ptr + b.to(tl.int64) * out_sb + out_channel[None, :] * out_sc + oh[:, None] * out_sh
+           + ow[:, None] * out_sw)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
 
 
 @functools.cache
 def _compiled(interpreted: bool):
     """The jitted kernel for the GPU, or the interpreted one for CPU tensors (tests)."""
-    import triton
-
-    source = _kernel_source()
     if interpreted:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(source)
-    return triton.jit(source)
+        return InterpretedFunction(_mixture_conv_kernel)
+    return triton.jit(_mixture_conv_kernel)
 
 
 def by_triton(x, experts, coefficients, expert_bias, spatial, channel, filter, stride, padding, dilation, groups):
@@ -163,8 +160,6 @@ def by_triton(x, experts, coefficients, expert_bias, spatial, channel, filter, s
 
 def _forward(tensors, geometry) -> torch.Tensor:
     """Launch the kernel: y (B, O, H', W') in x's memory format (NCHW or channels-last)."""
-    import triton.language as tl
-
     x, experts, coefficients, expert_bias, spatial, channel, filter = tensors
     (sh, sw), (ph, pw), (dh, dw), groups = geometry
     batch, channels, height, width = x.shape
@@ -181,14 +176,21 @@ def _forward(tensors, geometry) -> torch.Tensor:
     o_blocks = -(-out_per_group // block_o)
     placeholder = experts  # a valid pointer for the absent optional tensors (their loads are compiled out)
     coefficients, bias, spatial, channel, filter = small
-    _compiled(not x.is_cuda)[(batch * groups * p_blocks * o_blocks,)](
-        x, experts, *(placeholder if t is None else t for t in small), out,
-        num_experts, channels, height, width, out_channels, out_h, out_w, *x.stride(), *out.stride(),
-        sh, sw, ph, pw, dh, dw, in_per_group, out_per_group, p_blocks, o_blocks,
-        KH=kh, KW=kw, HAS_COEFFICIENTS=coefficients is not None, HAS_BIAS=bias is not None,
-        HAS_SPATIAL=spatial is not None, HAS_CHANNEL=channel is not None, HAS_FILTER=filter is not None,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, DOT=_dot_type(x), PRECISION=_precision(x),
-        BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=BLOCK_K, **({"num_warps": warps} if x.is_cuda else {}))
+    try:
+        _compiled(not x.is_cuda)[(batch * groups * p_blocks * o_blocks,)](
+            x, experts, *(placeholder if t is None else t for t in small), out,
+            num_experts, channels, height, width, out_channels, out_h, out_w, *x.stride(), *out.stride(),
+            sh, sw, ph, pw, dh, dw, in_per_group, out_per_group, p_blocks, o_blocks,
+            KH=kh, KW=kw, HAS_COEFFICIENTS=coefficients is not None, HAS_BIAS=bias is not None,
+            HAS_SPATIAL=spatial is not None, HAS_CHANNEL=channel is not None, HAS_FILTER=filter is not None,
+            ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, DOT=_dot_type(x), PRECISION=_precision(x),
+            BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=BLOCK_K, **({"num_warps": warps} if x.is_cuda else {}))
+    except RuntimeError:
+        raise
+    except Exception as error:  # Triton's compilation errors are not RuntimeErrors
+        # As a RuntimeError, a kernel that cannot compile on this GPU or Triton is a candidate the selector's timing
+        # drops (like one out of memory), instead of an exception that ends the training run.
+        raise RuntimeError(f"the Triton mixture kernel failed: {type(error).__name__}: {error}") from error
     return out
 
 
@@ -206,8 +208,6 @@ def _dot_type(x: torch.Tensor):
     """The `tl.dot` operands' type: the input's. Except bfloat16 in the interpreter, whose dot multiplies bfloat16's
     raw bits (NumPy has no bfloat16; Triton 3.8 gave 1e10 for a product of unit-size values): there the operands go
     to float32, where products of bfloat16 values are exact, which is what the GPU's bfloat16 dot computes."""
-    import triton.language as tl
-
     if x.dtype == torch.bfloat16 and not x.is_cuda:
         return tl.float32
     return {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
