@@ -29,9 +29,9 @@ wins:
    measuring, new shapes take the cost model (kept for this process, never stored: a later run may measure them).
 
 Policies: "measure" (the default), "model", or an algorithm name: "folded", "bmm", "loop" (per-sample kernels),
-"kernels", "outputs", "fused", "triton" (mixtures), "assemble", "cells" (KernelWarehouse). A forced per-sample algorithm
-also makes mixtures, DyNet and KernelWarehouse materialise their kernels, so the forced algorithm is the one
-that runs. The policy comes from DYNCONV_CONV_ALGORITHM at import, `set_policy`, or the `policy` context
+"kernels", "outputs", "fused", "triton" (mixtures), "assemble", "cells" (KernelWarehouse). A forced per-sample
+algorithm also makes mixtures, DyNet and KernelWarehouse materialise their kernels, so the forced algorithm is the
+one that runs. The policy comes from DYNCONV_CONV_ALGORITHM at import, `set_policy`, or the `policy` context
 manager (train.py applies the config's `conv_algorithm` that way and restores the previous policy after the run).
 
 How candidates are timed: one warm call each, then at least `MEASURE_REPEATS` rounds of one timed call per

@@ -173,8 +173,9 @@ class KernelWarehouseOperator(Operator):
         key, (worst, _) = max(self.sizes.items(), key=lambda item: item[1][0])
         spec = self.plan_specs()[key]
         cell = "x".join(str(d) for d in spec.cell_shape)
-        layout = ("No paper layout covers this backbone, so the generic one shares a warehouse per stage"
-                  if self.layout_name == "generic" else f"The {self.layout_name} layout shares warehouses across layers")
+        layout = f"The {self.layout_name} layout shares warehouses across layers"
+        if self.layout_name == "generic":
+            layout = "No paper layout covers this backbone, so the generic one shares a warehouse per stage"
         warnings.warn(
             f"op=kw on {self.backbone_name}: the attentions hold {attention / 1e6:.1f}M parameters, "
             f"{attention / kernels:.0f}x the {kernels / 1e6:.2f}M of the kernels they make dynamic. {layout}, and "
