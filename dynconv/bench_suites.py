@@ -5,7 +5,9 @@ each a model given as overrides of the training config after the suite's shared 
 [backbone=resnet18]`, then a row's `[op=condconv, op.experts=8]`), or it names a paper table of
 `dynconv/reproduction/tables/` (`table: kw_t12`) and takes that table's model rows and printed values from there,
 so the paper's numbers have one source. Every row runs against the static model of its backbone, built once and
-shared by every row that has it: for listed rows, the row's config with `op=static` (op knobs dropped); for a
+shared by every row that has it: for listed rows, the row's config with `op=static` (op knobs dropped), or the
+suite's overrides followed by the row's `baseline: [...]` (a model that is dynamic by its own architecture, timm's
+CondConv EfficientNet, against its static counterpart: the `timm_condconv` suite); for a
 table, the table's own op=static row with the same backbone and attention (KernelWarehouse Table 12's
 "ResNet50" for its ResNet50 rows, Weight Excitation Table 1's "ResNet50-SE" for "ResNet50-LWE-SE").
 
@@ -46,7 +48,7 @@ PAPER_MEASURES = {
 }
 _ROW_ID = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _TOP_KEYS = {"title", "source", "table", "overrides", "bench", "rows", "row_bench", "paper"}
-_ROW_KEYS = {"id", "label", "overrides", "bench"}
+_ROW_KEYS = {"id", "label", "overrides", "bench", "baseline"}
 
 
 def suite_names() -> list[str]:
@@ -60,6 +62,9 @@ class SuiteRow:
     label: str
     overrides: tuple[str, ...]
     bench: dict[str, Any] = field(default_factory=dict)
+    # Another static model to run against, as overrides after the suite's (op=static implied): a network that is
+    # dynamic by its own architecture, such as timm's CondConv EfficientNet, against its static counterpart.
+    baseline: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,8 @@ def load_suite(name: str) -> Suite:
         if not overrides:
             raise _fail(path, f"{where}.overrides", "the row's model, e.g. [op=condconv, op.experts=8]")
         rows.append(SuiteRow(row_id, str(item.get("label", row_id)), overrides,
-                             _settings(item.get("bench"), path, f"{where}.bench")))
+                             _settings(item.get("bench"), path, f"{where}.bench"),
+                             _strings(item.get("baseline"), path, f"{where}.baseline")))
     ids = [row.id for row in rows]
     if len(set(ids)) != len(ids):
         raise _fail(path, "rows", f"duplicate row ids {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -308,7 +314,8 @@ def plan_suite(suite: Suite, bench: Mapping[str, Any], cli_keys: set[str],
                     continue
                 overrides = _merge(list(suite.overrides), list(row.overrides))
                 cfg = _compose(compose, overrides, f"bench.suite={suite.name} row {row.id}")
-                static_overrides = _static_overrides(overrides)
+                static_overrides = _static_overrides(_merge(list(suite.overrides), list(row.baseline))
+                                                     if row.baseline else overrides)
                 key = " ".join(static_overrides)
                 if key not in baselines:
                     static_cfg = _compose(compose, static_overrides, f"bench.suite={suite.name} static of row {row.id}")

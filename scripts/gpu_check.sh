@@ -6,7 +6,8 @@
 # 3. KernelWarehouse Table 12 (FPS at batch 100) and Table 16 (memory) on the GPU, ResNet50 rows;
 # 3b. kernel_memory: auto (recompute on the GPU) against keep, ResNet18 batch 64, time and memory;
 # 3c. the Triton mixture kernel: forced (conv_algorithm=triton) against the measured choice of step 2;
-# 4. timm's anchor for CondConv: CondConv(4x) on EfficientNet-B0 through dynconv.convert, against efficientnet_b0.
+# 4. timm's anchor for CondConv (suite timm_condconv): timm's own efficientnet_cc_b0_4e and dynconv's CondConv(4x) on
+#    EfficientNet-B0, both against efficientnet_b0 in one run.
 # Each step writes its Markdown + JSON under out_dir (default benchmarks/gpu); a failed step does not stop the others,
 # and the script's exit status is the number of failed steps.
 set -u
@@ -25,5 +26,5 @@ step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=
 step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=64 bench.warmup=3 kernel_memory=keep bench.out="$out/resnet18_b64_keep"
 step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=64 bench.mode=memory bench.out="$out/resnet18_b64_memory"
 step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=64 bench.mode=memory kernel_memory=keep bench.out="$out/resnet18_b64_memory_keep"
-step python scripts/bench.py backbone=timm backbone.model=efficientnet_b0 op=condconv op.experts=4 bench.device=cuda bench.batch=64 bench.warmup=3
+step python scripts/bench.py bench.suite=timm_condconv bench.device=cuda bench.batch=64 bench.warmup=3 bench.out="$out/timm_condconv"
 exit "$failed"

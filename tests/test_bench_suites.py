@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, describe
 from test_bench import run_bench
 
-SUITES = ("resnet18", "resnet50", "mobilenetv2_100", "kw_t12", "kw_t16", "we_t1_memory")
+SUITES = ("resnet18", "resnet50", "mobilenetv2_100", "kw_t12", "kw_t16", "we_t1_memory", "timm_condconv")
 TINY = ["bench.batch=2", "bench.resolution=32", "bench.repeats=1", "bench.steps=1", "bench.warmup=0"]
 # Every suite row's JSON has these keys (null where its mode measured nothing).
 ROW_KEYS = {"id", "label", "overrides", "baseline", "baseline_label", "baseline_overrides", "backbone", "op", "attn",
@@ -61,7 +61,9 @@ def test_every_suite_plans(name):
     plan = _plan(name)
     assert plan.rows, name
     for row in plan.rows:
-        assert row.model.cfg.op.name != "static" and row.baseline.cfg.op.name == "static", row.id
+        # A row is dynamic by its operator, or (a row with its own `baseline`) by its architecture.
+        assert row.model.cfg.op.name != "static" or row.model.overrides != row.baseline.overrides, row.id
+        assert row.baseline.cfg.op.name == "static", row.id
         assert row.baseline.cfg.backbone.name == row.model.cfg.backbone.name
         assert row.baseline.cfg.attn.name == row.model.cfg.attn.name
         if plan.suite.table:
@@ -70,6 +72,18 @@ def test_every_suite_plans(name):
     # One static model per backbone (and attention): the rows share it.
     assert len({row.baseline.key for row in plan.rows}) == len({(r.model.cfg.backbone.name, r.model.cfg.attn.name)
                                                                    for r in plan.rows})
+
+
+def test_a_row_may_name_its_own_static_baseline():
+    """timm_condconv: timm's own CondConv EfficientNet (op=static, dynamic by its architecture) runs against timm's
+    static efficientnet_b0, the same static model (built once) as dynconv's CondConv (4x) converted onto it."""
+    plan = _plan("timm_condconv")
+    rows = {row.id: row for row in plan.rows}
+    timm_row, converted = rows["timm_cc_b0_4e"], rows["condconv4"]
+    assert timm_row.model.cfg.backbone.model == "efficientnet_cc_b0_4e" and timm_row.model.cfg.op.name == "static"
+    assert timm_row.baseline is converted.baseline
+    assert timm_row.baseline.cfg.backbone.model == "efficientnet_b0" and timm_row.baseline.cfg.op.name == "static"
+    assert converted.model.cfg.op.name == "condconv" and converted.model.cfg.op.experts == 4
 
 
 def test_table_suites_keep_the_papers_settings():
@@ -191,6 +205,9 @@ def test_a_bad_suite_file_names_the_file_and_key(tmp_path, monkeypatch):
         bench_suites.load_suite("bad")
     (tmp_path / "bad.yaml").write_text("title: t\ntable: kw_t12\npaper: {inference_fps: speed}\n")
     with pytest.raises(ConfigError, match=r"paper\.inference_fps: 'speed' is not a column of kw_t12"):
+        bench_suites.load_suite("bad")
+    (tmp_path / "bad.yaml").write_text("title: t\nrows:\n  - {id: a, overrides: [op=static], baseline: op=static}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: rows\[0\]\.baseline: a list of Hydra overrides"):
         bench_suites.load_suite("bad")
     (tmp_path / "bad.yaml").write_text("rows: []\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: title"):
