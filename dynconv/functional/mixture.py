@@ -164,19 +164,17 @@ def _by_kernels(x, experts, coefficients, expert_bias, spatial, channel, filter,
     if (channel is not None and spatial is None and filter is None and x[0].numel() <= experts[0].numel()
             and not capturing):
         x, channel = x * channel[:, :, None, None], None
-    bias = algorithms.mixed_bias(coefficients, expert_bias, batch)
-    if bias is not None and filter is not None:
-        bias = bias * filter
+    bias = algorithms.filtered_bias(coefficients, expert_bias, filter, batch)
     scales = (spatial, channel, filter)
 
     def mix(note) -> torch.Tensor:
         """The batch's kernels (B, O, C/g, kh, kw); `note` sees each materialised tensor (`recompute`)."""
-        kernels = note((coefficients @ experts.flatten(1)).view(batch, *experts.shape[1:]))
+        kernels = note(algorithms.mix_kernels(experts, coefficients, batch))
         scaled = algorithms.scale_kernels(kernels, *scales, groups)
         return kernels if scaled is kernels else note(scaled)
 
     if coefficients is None:  # n = 1: one kernel (scaled per sample, or shared by broadcast), nothing recomputed
-        kernels = experts[:1].expand(batch, *experts.shape[1:])
+        kernels = algorithms.mix_kernels(experts, None, batch)
         kernels = algorithms.scale_kernels(kernels, *scales, groups).expand(batch, *experts.shape[1:])
         out = per_sample_conv2d(x, kernels, bias, stride, padding, dilation, groups)
     else:

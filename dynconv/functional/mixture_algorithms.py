@@ -87,6 +87,20 @@ def mixture_matmul(cols: torch.Tensor, experts: torch.Tensor, coefficients: torc
     return MixtureMatmul.apply(cols, experts, coefficients)
 
 
+def mix_kernels(experts: torch.Tensor, coefficients: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """sum_i c_bi W_i, (B, O, C/g, kh, kw); the one kernel broadcast over the batch when coefficients is None."""
+    if coefficients is None:
+        return experts[:1].expand(batch, *experts.shape[1:])
+    return (coefficients @ experts.flatten(1)).view(batch, *experts.shape[1:])
+
+
+def filtered_bias(coefficients, expert_bias, filter, batch: int):
+    """The mixed bias scaled by the filter scale f_b (B, O) where that scale is folded into the kernels (the
+    kernel's output, bias included, is what it scales); None without a bias."""
+    bias = mixed_bias(coefficients, expert_bias, batch)
+    return bias * filter if bias is not None and filter is not None else bias
+
+
 def mixed_bias(coefficients, expert_bias, batch: int):
     """sum_i c_bi b_i, (B, O); the one bias when coefficients is None."""
     if expert_bias is None:

@@ -245,13 +245,10 @@ class TritonMixtureConv(torch.autograd.Function):
         leaves = [None if t is None else t.detach().requires_grad_(need)
                   for t, need in zip((experts, coefficients, expert_bias, spatial, channel, filter), wanted[1:])]
         experts_, coefficients_, bias_, spatial_, channel_, filter_ = leaves
-        with torch.enable_grad():
-            kernels = experts_[:1].expand(batch, *experts.shape[1:]) if coefficients_ is None else (
-                coefficients_ @ experts_.flatten(1)).view(batch, *experts.shape[1:])
-            kernels = algorithms.scale_kernels(kernels, spatial_, channel_, filter_, groups)
-            bias = algorithms.mixed_bias(coefficients_, bias_, batch)
-            if bias is not None and filter_ is not None:
-                bias = bias * filter_
+        with torch.enable_grad():  # the "kernels" algorithm's mixing, as a small graph for the leaves' gradients
+            kernels = algorithms.scale_kernels(algorithms.mix_kernels(experts_, coefficients_, batch), spatial_,
+                                               channel_, filter_, groups)
+            bias = algorithms.filtered_bias(coefficients_, bias_, filter_, batch)
         grad = grad.contiguous()
         # The batch folded into the groups: one convolution backward for every sample's own kernels.
         grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
