@@ -45,7 +45,7 @@ def _reference(x, w, b, conv):
 
 
 # "export": "auto" inside selector.exporting(), the batch-independent algorithm an exported graph records.
-ALGOS = ["folded", "bmm", "loop", "auto", "export"]
+ALGOS = ["folded", "bmm", "bmm_t", "loop", "auto", "export"]
 CASES = list(itertools.product(sorted(GEOMETRIES), [1, 4], [True, False], ALGOS))
 
 
@@ -88,7 +88,7 @@ def test_im2col_equals_unfold(geometry):
 def test_samples_really_use_their_own_kernel():
     """Swapping two samples' kernels changes their outputs (rules out an implementation using weight[0] for all)."""
     x, w, b, conv = _inputs("plain3x3", 4, False)
-    for algorithm in ("folded", "bmm", "loop"):
+    for algorithm in ("folded", "bmm", "bmm_t", "loop"):
         y = per_sample_conv2d(x, w, None, **conv, algorithm=algorithm)
         swapped = per_sample_conv2d(x, w[[1, 0, 2, 3]], None, **conv, algorithm=algorithm)
         assert not torch.allclose(y[0], swapped[0]) and torch.equal(y[2], swapped[2])
@@ -337,6 +337,27 @@ def test_measured_once_per_shape_then_cached(measured):
     assert len(measured) == 8 * per_candidate
 
 
+def test_bmm_t_is_timed_for_small_outputs_in_training_only(measured):
+    """"bmm_t" differs from "bmm" only in its backward: it is a candidate for calls whose input needs a gradient,
+    with groups = 1 and at most BMM_T_MAX_OUTPUT_POSITIONS output positions, and never otherwise."""
+    from dynconv.functional import per_sample as per_sample_conv
+
+    def timed(x, w, b, conv):
+        per_sample_conv2d(x, w, b, **conv)
+        return set(next(iter(selector.choices().values()))["ms"])
+
+    assert timed(*_conv_inputs(requires_grad=True)) == {"folded", "bmm", "bmm_t", "loop"}  # 7x7 outputs
+    selector.clear_cache()
+    assert "bmm_t" not in timed(*_conv_inputs())  # inference: its forward is bmm's
+    selector.clear_cache()
+    assert "bmm_t" not in timed(*_conv_inputs(requires_grad=True, groups=2))
+    selector.clear_cache()
+    x, w, b, conv = _conv_inputs(requires_grad=True)
+    big = torch.randn(4, 4, 11, 11, dtype=x.dtype, requires_grad=True)  # 121 outputs > the bound
+    assert per_sample_conv.BMM_T_MAX_OUTPUT_POSITIONS < 121
+    assert "bmm_t" not in timed(big, w, b, conv)
+
+
 @pytest.mark.parametrize("drop_factor", [float("inf"), 2.5])
 def test_fastest_candidate_is_used_and_remembered(measured, monkeypatch, drop_factor):
     """With a fake clock that makes "bmm" fastest, the cache picks bmm and every later call runs it. With a
@@ -412,7 +433,7 @@ def test_mixture_measures_its_modes(measured):
     assert len(measured) == count and len(selector.choices()) == entries
 
 
-@pytest.mark.parametrize("policy", ["model", "folded", "loop", "bmm", "kernels", "outputs", "fused"])
+@pytest.mark.parametrize("policy", ["model", "folded", "loop", "bmm", "bmm_t", "kernels", "outputs", "fused"])
 def test_policy_switch(measured, policy):
     """Policy "model" or a forced algorithm never times anything. A forced per-sample algorithm runs (each
     applies to every geometry, bmm to grouped kernels too), and makes mixtures mix kernels; a forced mixture mode
@@ -437,7 +458,7 @@ def test_policy_switch(measured, policy):
     finally:
         per_sample_conv._PER_SAMPLE.update(original)
     assert measured == [] and selector.choices() == {}
-    if policy in ("folded", "loop", "bmm"):
+    if policy in ("folded", "loop", "bmm", "bmm_t"):
         assert seen == [policy, policy, policy]  # the mixture mixed kernels and ran the forced algorithm
     elif policy in ("outputs", "fused"):
         assert len(seen) == 2  # the two plain per-sample calls; the mixture ran the forced mode, no kernels

@@ -69,7 +69,7 @@ def unpacks(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("algorithm", ["folded", "bmm"])
+@pytest.mark.parametrize("algorithm", ["folded", "bmm", "bmm_t"])
 @pytest.mark.parametrize("op", sorted(OPERATORS))
 def test_recomputed_kernels_give_the_same_loss_and_gradients_to_the_bit(op, algorithm, unpacks, monkeypatch):
     model = _model(op)
@@ -112,7 +112,7 @@ def _mixture_grads(policy, algorithm, inputs, groups=1, retain=False):
     return [y.detach(), *first]
 
 
-@pytest.mark.parametrize("algorithm", ["folded", "bmm", "loop"])
+@pytest.mark.parametrize("algorithm", ["folded", "bmm", "bmm_t", "loop"])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("spatial,channel,filters", [(False, False, False), (True, False, False), (False, True, False),
                                                      (True, True, False), (False, False, True), (True, True, True)])

@@ -11,6 +11,12 @@ compute it:
   poorly optimised. It is also the batch-independent formulation that export records (`selector.exporting()`):
   the batch stays the leading dimension of every tensor, where "folded" makes it a convolution's group count, a
   constant in ONNX.
+- "bmm_t": "bmm" whose backward computes the columns' gradient positions-major, (L x O) by (O x C*kh*kw) per
+  sample, instead of autograd's (C*kh*kw x O) by (O x L). With few output positions L (ResNet's 7x7 stage: 49)
+  autograd's layout gives the matmul a 49-wide output rows that vector registers tile badly; the transposed one
+  has C*kh*kw-wide rows. Measured on a 2-core Xeon (AVX-512), batch 16, forward + backward: 1.18-1.23x faster
+  than "bmm" for 7x7 outputs, 0.5-0.86x for 14x14 and above, so it is timed for training calls with at most
+  `BMM_T_MAX_OUTPUT_POSITIONS` output positions only. The forward is "bmm"'s; grouped layers (forced) run bmm's.
 - "loop": one convolution per sample; the plain reference, and sometimes the fastest at large resolutions.
 - batch size 1 always takes a plain convolution, except while exporting (a branch on the batch size would
   freeze the exported graph to one side of it).
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 from dynconv.functional import kernel_capture, selector
 from dynconv.functional.im2col import im2col
 
-Algorithm = Literal["auto", "folded", "bmm", "loop"]
+Algorithm = Literal["auto", "folded", "bmm", "bmm_t", "loop"]
 ALGORITHMS = ("auto",) + selector.PER_SAMPLE_ALGORITHMS
 
 # Cost model. CPU: below this many output positions the im2col+bmm path beats a grouped convolution (measured
@@ -41,6 +47,9 @@ BMM_MAX_OUTPUT_POSITIONS = 196
 # The per-sample loop is timed only for small batches: at batch 16 it measured 5-12x slower than the others on
 # every ResNet18 layer (2 CPU cores), so timing it there would only make the first step slower.
 LOOP_MAX_BATCH = 4
+# "bmm_t" is timed only below this many output positions (and only when the input needs a gradient: its forward is
+# bmm's): it won at 7x7 (49) and lost at 14x14 (196) on every ResNet18 shape measured (module docstring).
+BMM_T_MAX_OUTPUT_POSITIONS = 100
 
 
 def _pair(value) -> tuple[int, int]:
@@ -121,8 +130,14 @@ class PerSampleRoutine(selector.Routine):
         # bmm is timed for groups = 1 only, as before it handled grouped layers (it was generalised for export): a
         # depthwise layer is g products of 1 x 9 by 9 x P per sample, which a grouped convolution does in one call.
         # Not measured against it, so training keeps its earlier candidates.
+        x, weight, _ = tensors
         names = ["folded"] + (["bmm"] if params[3] == 1 else [])
-        return names + (["loop"] if tensors[0].shape[0] <= LOOP_MAX_BATCH else [])
+        out_h, out_w = conv_output_size(x, weight.shape[-2:], *params[:3])
+        if (params[3] == 1 and x.requires_grad and torch.is_grad_enabled()
+                and out_h * out_w <= BMM_T_MAX_OUTPUT_POSITIONS):
+            names.append("bmm_t")  # the same forward as bmm: worth timing only where the backward runs
+        return names + (["loop"] if x.shape[0] <= LOOP_MAX_BATCH else [])
+
 
     def shape_key(self, tensors, params):
         x, weight, bias = tensors
@@ -140,12 +155,36 @@ def _loop(x, weight, bias, stride, padding, dilation, groups):
                                dilation, groups) for b in range(x.shape[0])])
 
 
-def _bmm(x, weight, bias, stride, padding, dilation, groups):
+class _BmmTransposedGrad(torch.autograd.Function):
+    """weight (B, O, K) @ columns (B, K, L), with the columns' gradient computed as (grad^T @ weight)^T: the same
+    values as autograd's weight^T @ grad (each a sum over the O output channels), laid out L-major by the matmul."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, columns)
+        return torch.bmm(weight, columns)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, columns = ctx.saved_tensors
+        need_weight, need_columns = ctx.needs_input_grad
+        grad_weight = torch.bmm(grad, columns.transpose(1, 2)) if need_weight else None
+        grad_columns = None
+        if need_columns:
+            grad_columns = torch.bmm(grad.transpose(1, 2).contiguous(), weight).transpose(1, 2)
+        return grad_weight, grad_columns
+
+
+def _bmm_t(x, weight, bias, stride, padding, dilation, groups):
+    return _bmm(x, weight, bias, stride, padding, dilation, groups, matmul=_BmmTransposedGrad.apply)
+
+
+def _bmm(x, weight, bias, stride, padding, dilation, groups, matmul=torch.bmm):
     batch, out_channels = weight.shape[:2]
     out_h, out_w = conv_output_size(x, weight.shape[-2:], stride, padding, dilation)
     columns = im2col(x, weight.shape[-2:], dilation, padding, stride)
     if groups == 1:
-        out = torch.bmm(weight.reshape(batch, out_channels, -1), columns)
+        out = matmul(weight.reshape(batch, out_channels, -1), columns)
     else:
         # The columns are channel-major (C*kh*kw rows, channel c's taps together), so group j's inputs are the
         # j-th run of C/g*kh*kw rows: one matmul per (sample, group), (O/g x C/g*kh*kw) by (C/g*kh*kw x L).
@@ -167,4 +206,4 @@ def _folded(x, weight, bias, stride, padding, dilation, groups):
 
 
 # Looked up at call time (tests wrap the entries to see which algorithm ran).
-_PER_SAMPLE = {"folded": _folded, "bmm": _bmm, "loop": _loop}
+_PER_SAMPLE = {"folded": _folded, "bmm": _bmm, "bmm_t": _bmm_t, "loop": _loop}

@@ -28,7 +28,7 @@ wins:
    candidate beats it by more than `MODEL_MARGIN`; once this process has spent `MEASURE_BUDGET_S` seconds
    measuring, new shapes take the cost model (kept for this process, never stored: a later run may measure them).
 
-Policies: "measure" (the default), "model", or an algorithm name: "folded", "bmm", "loop" (per-sample kernels),
+Policies: "measure" (the default), "model", or an algorithm name: "folded", "bmm", "bmm_t", "loop" (per-sample kernels),
 "kernels", "outputs", "fused", "triton" (mixtures), "assemble", "cells" (KernelWarehouse). A forced per-sample
 algorithm also makes mixtures, DyNet and KernelWarehouse materialise their kernels, so the forced algorithm is the
 one that runs. The policy comes from DYNCONV_CONV_ALGORITHM at import, `set_policy`, or the `policy` context
@@ -66,7 +66,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynconv.functional import algorithm_store, recompute
 
-PER_SAMPLE_ALGORITHMS = ("folded", "bmm", "loop")
+PER_SAMPLE_ALGORITHMS = ("folded", "bmm", "bmm_t", "loop")
 MIXTURE_MODES = ("kernels", "outputs", "fused", "triton")
 WAREHOUSE_ALGORITHMS = ("assemble", "cells", "fused")
 # "fused" names both a mixture mode and a KernelWarehouse algorithm (the same idea: kernels mixed inside the matmul).
