@@ -101,6 +101,8 @@ def _settings_line(result: dict) -> str:
         r = timing[0]
         parts.append(f"{r['warmup']} warmup + {r['repeats']} repeats x {r['steps']} steps, interleaved with the static "
                      "model, medians")
+    if result.get("amp") not in (None, "none"):
+        parts.append(f"autocast {result['amp']} (bench.amp)")
     if result.get("memory_measure"):
         parts.append(f"memory: {result['memory_measure']}")
     if result.get("command_line"):

@@ -16,6 +16,11 @@ Why the measurements look the way they do:
 - Inference runs in eval mode under `torch.no_grad()`, at the benchmark batch and at batch 1 (deployment
   latency, where a dynamic operator cannot amortise its per-sample kernel generation over a batch).
   A model with training-only reparameterisations is folded first (`inference_model`), as it is deployed.
+- `amp` ("bf16", "fp16"): both models' forward (and loss) run under `torch.autocast`, as train.py's `recipe.amp`
+  runs them, fp16 with a gradient scaler like the trainer's. Mixed precision is how GPUs train (timm's published
+  benchmark files, the anchor of docs/benchmarks.md, are AMP runs) and what CPUs with bfloat16 matrix units
+  (AMX) are fastest at; the ratio to static changes with it, since the dynamic operators' extra work is mostly
+  memory traffic, which autocast shrinks less than the convolutions' arithmetic.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import torch.nn.functional as F
 
 
 BENCH_DEVICES = ("auto", "cpu", "cuda")
+# bench.amp: the autocast dtype of both models' forward passes (train.py's recipe.amp); fp16 on CUDA only.
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Smallest sensible value of each integer knob. Resolution: a ResNet/MobileNet downsamples 32x, so 32px is
 # where the last stage still sees a 1x1 map. Warmup may be 0 (the first repeat then pays one-off costs).
 BENCH_MINIMUMS = {"batch": 1, "resolution": 32, "repeats": 1, "steps": 1, "warmup": 0, "num_classes": 1}
@@ -91,6 +98,11 @@ def validate_bench_config(bench: Mapping[str, Any], check_device: bool = True) -
     device = knobs.choice("device", BENCH_DEVICES)
     if check_device and device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench.device='cuda' but no CUDA device is available; allowed values here: auto, cpu")
+    amp = knobs.choice("amp", tuple(AMP_DTYPES), default="none")
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if check_device and amp == "fp16" and not on_cuda:
+        raise ConfigError(f"bench.amp='fp16' runs on CUDA only, and bench.device={device!r} runs on the CPU here; "
+                          "allowed values here: none, bf16")
     knobs.flag("layers")
     layer = bench.get("layer")
     if layer is not None and not isinstance(layer, str):
@@ -216,25 +228,40 @@ def images_per_second(batch: int, ms: float | None) -> float | None:
     return None if ms is None else round(1000.0 * batch / ms, 3)
 
 
+def autocast(device: torch.device, amp: str | None) -> ContextManager:
+    """`torch.autocast` for bench.amp ("none"/None: no autocast), as train.py's trainer enters it."""
+    dtype = AMP_DTYPES[amp or "none"]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def training_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                  optimizer: torch.optim.Optimizer) -> Callable[[], None]:
-    """One optimizer step on a fixed batch: forward, cross-entropy, backward, SGD step (train mode)."""
+                  optimizer: torch.optim.Optimizer, amp: str | None = None) -> Callable[[], None]:
+    """One optimizer step on a fixed batch: forward, cross-entropy, backward, SGD step (train mode); under
+    `amp` the forward and loss run in autocast (fp16 with a gradient scaler, as the trainer does)."""
+    scaler = torch.amp.GradScaler(inputs.device.type) if amp == "fp16" else None
 
     def step() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
+        with autocast(inputs.device, amp):
+            loss = F.cross_entropy(model(inputs), targets)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
     return step
 
 
-def inference_step(model: nn.Module, inputs: torch.Tensor) -> Callable[[], None]:
-    """One forward pass in eval mode without autograd (what deployment runs)."""
+def inference_step(model: nn.Module, inputs: torch.Tensor, amp: str | None = None) -> Callable[[], None]:
+    """One forward pass in eval mode without autograd (what deployment runs), in autocast under `amp`."""
 
     def step() -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(inputs.device, amp):
             model(inputs)
 
     return step
@@ -347,10 +374,11 @@ def capture_input_shapes(model: nn.Module, names: Sequence[str], inputs: torch.T
     return shapes
 
 
-def layer_steps(layer: nn.Module, shape: tuple, device: torch.device) -> dict[str, Callable[[], None]]:
+def layer_steps(layer: nn.Module, shape: tuple, device: torch.device,
+                amp: str | None = None) -> dict[str, Callable[[], None]]:
     """Training (forward + backward, input gradient included as inside a network) and inference steps of
-    one layer alone on a fixed random input of `shape`. No optimizer step: per layer it is a handful of
-    elementwise updates and would only blur the comparison of the operators' compute."""
+    one layer alone on a fixed random input of `shape`, in autocast under `amp`. No optimizer step: per layer it
+    is a handful of elementwise updates and would only blur the comparison of the operators' compute."""
     x = torch.randn(shape, device=device)
     x_grad = x.clone().requires_grad_(True)
 
@@ -358,11 +386,13 @@ def layer_steps(layer: nn.Module, shape: tuple, device: torch.device) -> dict[st
         layer.train()
         layer.zero_grad(set_to_none=True)
         x_grad.grad = None
-        layer(x_grad).sum().backward()
+        with autocast(device, amp):
+            out = layer(x_grad)
+        out.float().sum().backward()
 
     def infer() -> None:
         layer.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp):
             layer(x)
 
     return {"train": train, "inference": infer}

@@ -160,12 +160,12 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         targets = torch.randint(0, spec["num_classes"], (batch,), device=device)
 
         def fresh_step():
-            return bm.training_step(model, inputs, targets, bm.make_optimizer(model))
+            return bm.training_step(model, inputs, targets, bm.make_optimizer(model), spec.get("amp"))
     else:
         model, folded = bm.inference_model(model)  # the original is dropped: only the deployed model stays
 
         def fresh_step():
-            return bm.inference_step(model, inputs)
+            return bm.inference_step(model, inputs, spec.get("amp"))
     step = fresh_step()
     step()  # the selection pass: the selector's candidate timings and one-off initialisation, not measured
     model.zero_grad(set_to_none=True)

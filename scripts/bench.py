@@ -180,8 +180,9 @@ def build(parts, device, num_classes: int, resolution: int):
     return built
 
 
-def time_models(dynamic, static, optimizers, settings, device, num_classes: int, on_repeat=None):
-    """Time `dynamic` against `static` (built models) interleaved, as settings.mode asks.
+def time_models(dynamic, static, optimizers, settings, device, num_classes: int, on_repeat=None, amp=None):
+    """Time `dynamic` against `static` (built models) interleaved, as settings.mode asks, both in autocast under
+    `amp` (bench.amp).
 
     Returns (results: candidate -> measurement -> Timed, inference_folded, CUDA peak MB per candidate or None).
     `optimizers` holds each candidate's SGD (a suite's static model keeps its own across rows)."""
@@ -202,9 +203,9 @@ def time_models(dynamic, static, optimizers, settings, device, num_classes: int,
     wanted = bm.BENCH_MODES[settings.mode]
     candidates = {}
     for name, model in models.items():
-        steps = {"train": lambda m=model, n=name: bm.training_step(m, inputs, targets, optimizers[n]),
-                 "inference": lambda n=name: bm.inference_step(inference_models[n], batch_inputs),
-                 "batch1": lambda n=name: bm.inference_step(inference_models[n], single)}
+        steps = {"train": lambda m=model, n=name: bm.training_step(m, inputs, targets, optimizers[n], amp),
+                 "inference": lambda n=name: bm.inference_step(inference_models[n], batch_inputs, amp),
+                 "batch1": lambda n=name: bm.inference_step(inference_models[n], single, amp)}
         candidates[name] = {m: make() for m, make in steps.items() if m in wanted}
     memory = None
     if device.type == "cuda":
@@ -260,8 +261,8 @@ def timing_keys(results, settings, peak) -> dict:
     }
 
 
-def memory_spec(parts, kind: str, settings, device, num_classes: int) -> dict:
-    """What a peak-memory child process measures (dynconv/peak_memory.py)."""
+def memory_spec(parts, kind: str, settings, device, num_classes: int, amp=None) -> dict:
+    """What a peak-memory child process measures (dynconv/peak_memory.py); `amp`: bench.amp."""
     from dynconv.functional import recompute, selector
 
     backbone, op, attn = parts
@@ -269,7 +270,7 @@ def memory_spec(parts, kind: str, settings, device, num_classes: int) -> dict:
             "batch": settings.batch if kind == "train" else settings.inference_batch,
             "resolution": settings.resolution, "device": device.type, "warmup": settings.warmup,
             "steps": settings.steps, "policy": selector.get_policy(),
-            "kernel_memory": recompute.get_kernel_memory()}
+            "kernel_memory": recompute.get_kernel_memory(), "amp": amp}
 
 
 def measure_memory(spec: dict, label: str) -> dict:
@@ -349,7 +350,7 @@ def run_pair(cfg, device, where) -> int:
     against = "" if baseline == cfg.backbone.name else f" (static: {baseline})"
     inference_batch = "" if settings.inference_batch == settings.batch else f" (inference {settings.inference_batch})"
     print(f"{cfg.backbone.name}{against} at {bench.resolution}px, batch {bench.batch}{inference_batch}, {where}"
-          f"{'' if mode == 'full' else f', mode {mode}'}: "
+          f"{_amp_text(bench)}{'' if mode == 'full' else f', mode {mode}'}: "
           f"{bench.warmup} warmup + {bench.repeats} repeats x {bench.steps} steps, interleaved", flush=True)
 
     def progress(repeat, results):
@@ -358,7 +359,7 @@ def run_pair(cfg, device, where) -> int:
         print(f"repeat {repeat + 1}/{bench.repeats} (dynamic/static): " + ", ".join(parts), flush=True)
 
     results, inference_folded, peak = time_models(dynamic, static, optimizers, settings, device, bench.num_classes,
-                                                  on_repeat=progress)
+                                                  on_repeat=progress, amp=bench.amp)
     timing = timing_keys(results, settings, peak)
     labels = {"train": ("train step", "train_step", settings.batch),
               "inference": ("inference", "inference", settings.inference_batch),
@@ -384,6 +385,7 @@ def run_pair(cfg, device, where) -> int:
         "resolution": bench.resolution,
         "device": device.type,
         "device_name": where,
+        "amp": bench.amp,
         "backbone": cfg.backbone.name,
         "op": dynamic.operator.describe(),
         "attn": cfg.attn.name,
@@ -411,8 +413,9 @@ def run_pair_memory(cfg, parts, static_parts, settings, device, where, baseline)
     bench = cfg.bench
     print(f"{cfg.backbone.name}{'' if baseline == cfg.backbone.name else f' (static: {baseline})'} at "
           f"{settings.resolution}px, train batch {settings.batch}, inference batch {settings.inference_batch}, "
-          f"{where}, mode memory: {settings.warmup} warmup + {settings.steps} steps per measurement", flush=True)
-    peaks = {who: {kind: measure_memory(memory_spec(p, kind, settings, device, bench.num_classes), who)
+          f"{where}{_amp_text(bench)}, mode memory: {settings.warmup} warmup + {settings.steps} steps per measurement",
+          flush=True)
+    peaks = {who: {kind: measure_memory(memory_spec(p, kind, settings, device, bench.num_classes, bench.amp), who)
                    for kind in ("train", "inference")}
              for who, p in (("dynamic", parts), ("static", static_parts))}
     memory, errors = memory_keys(peaks)
@@ -433,6 +436,7 @@ def run_pair_memory(cfg, parts, static_parts, settings, device, where, baseline)
         "resolution": settings.resolution,
         "device": device.type,
         "device_name": where,
+        "amp": bench.amp,
         "backbone": cfg.backbone.name,
         "op": make_operator(parts[1]).describe(),
         "attn": cfg.attn.name,
@@ -453,6 +457,10 @@ def run_pair_memory(cfg, parts, static_parts, settings, device, where, baseline)
         print(f"error: {error}", file=sys.stderr)
     print(json.dumps(_with_algorithms(result)))
     return 1 if errors else 0
+
+
+def _amp_text(bench) -> str:
+    return "" if bench.amp == "none" else f", autocast {bench.amp}"
 
 
 def _cell(value, width: int, decimals: int) -> str:
@@ -487,7 +495,7 @@ def run_suite(cfg, plan, argv, device, where) -> int:
     statics: dict[tuple, dict] = {}  # (baseline key, resolution) -> its built model and optimizer (timing modes)
     memory_cache: dict[tuple, dict] = {}  # (baseline key, kind, batch, resolution, steps) -> its child's result
     rows = []
-    print(f"bench.suite={suite.name}: {suite.title}; {len(plan.rows)} rows, {where}", flush=True)
+    print(f"bench.suite={suite.name}: {suite.title}; {len(plan.rows)} rows, {where}{_amp_text(bench)}", flush=True)
     for index, row in enumerate(plan.rows):
         s = row.settings
         print(f"\n[{index + 1}/{len(plan.rows)}] {row.label} ({row.id}) against {row.baseline.label}: mode {s.mode}, "
@@ -497,9 +505,9 @@ def run_suite(cfg, plan, argv, device, where) -> int:
         out: dict = {}
         try:
             if s.mode == "memory":
-                out = suite_row_memory(row, device, bench.num_classes, memory_cache)
+                out = suite_row_memory(row, device, bench.num_classes, memory_cache, bench.amp)
             else:
-                out = suite_row_timing(row, statics, device, bench.num_classes)
+                out = suite_row_timing(row, statics, device, bench.num_classes, bench.amp)
         except Exception as error:  # one row failing (out of memory, say) must not lose the others' results
             traceback.print_exc()
             out = {"error": f"{type(error).__name__}: {error}"}
@@ -519,6 +527,7 @@ def run_suite(cfg, plan, argv, device, where) -> int:
         "table": suite.table,
         "device": device.type,
         "device_name": where,
+        "amp": bench.amp,
         "threads": torch.get_num_threads(),
         "memory_measure": measures.pop() if len(measures) == 1 else None,
         "command_line": {key: bench.get(key) for key in sorted(cli_setting_keys(argv))},
@@ -538,8 +547,9 @@ def run_suite(cfg, plan, argv, device, where) -> int:
     return 1 if result["errors"] else 0
 
 
-def suite_row_timing(row, statics: dict, device, num_classes: int) -> dict:
-    """A timing-mode row: its model built now, the static model of its baseline built once and kept."""
+def suite_row_timing(row, statics: dict, device, num_classes: int, amp=None) -> dict:
+    """A timing-mode row: its model built now, the static model of its baseline built once and kept; both in
+    autocast under `amp`."""
     from dynconv import benchmark as bm
 
     s = row.settings
@@ -556,20 +566,21 @@ def suite_row_timing(row, statics: dict, device, num_classes: int) -> dict:
                  for m in results["dynamic"]]
         print(f"  repeat {repeat + 1}/{s.repeats} (model/static): " + ", ".join(parts), flush=True)
 
-    results, folded, peak = time_models(dynamic, static["built"], optimizers, s, device, num_classes, progress)
+    results, folded, peak = time_models(dynamic, static["built"], optimizers, s, device, num_classes, progress, amp)
     return {**timing_keys(results, s, peak), "op": dynamic.operator.describe(), "inference_folded": folded,
             "converted_layers": sum(d.converted for d in dynamic.decisions)}
 
 
-def suite_row_memory(row, device, num_classes: int, cache: dict) -> dict:
+def suite_row_memory(row, device, num_classes: int, cache: dict, amp=None) -> dict:
     """A memory-mode row: four child processes, the static model's two measured once per batch and resolution."""
     from dynconv.build import make_operator
 
     s = row.settings
     peaks = {"dynamic": {}, "static": {}}
     for kind in ("train", "inference"):
-        peaks["dynamic"][kind] = measure_memory(memory_spec(row.model.parts(), kind, s, device, num_classes), row.id)
-        spec = memory_spec(row.baseline.parts(), kind, s, device, num_classes)
+        peaks["dynamic"][kind] = measure_memory(memory_spec(row.model.parts(), kind, s, device, num_classes, amp),
+                                                row.id)
+        spec = memory_spec(row.baseline.parts(), kind, s, device, num_classes, amp)
         key = (row.baseline.key, kind, spec["batch"], spec["resolution"], spec["warmup"], spec["steps"])
         if key not in cache:
             cache[key] = measure_memory(spec, row.baseline.id)
@@ -649,8 +660,8 @@ def bench_layers(dynamic, static, decisions, bench, device) -> list[dict]:
         key = (decision.layer.shape_str(), shapes[name], type(layer_dynamic).__name__, layer_dynamic.extra_repr())
         if key not in cache:
             results = bm.interleaved(
-                {"dynamic": bm.layer_steps(layer_dynamic, shapes[name], device),
-                 "static": bm.layer_steps(layer_static, shapes[name], device)},
+                {"dynamic": bm.layer_steps(layer_dynamic, shapes[name], device, bench.amp),
+                 "static": bm.layer_steps(layer_static, shapes[name], device, bench.amp)},
                 device=device, repeats=bench.repeats, warmup=bench.warmup, steps=bench.steps)
             cache[key] = {f"{who}_{m}_ms": round(t.ms, 4) for who, timed in results.items() for m, t in timed.items()}
         timing = cache[key]

@@ -7,7 +7,8 @@
 # 3b. kernel_memory: auto (recompute on the GPU) against keep, ResNet18 batch 64, time and memory;
 # 3c. the Triton mixture kernel: forced (conv_algorithm=triton) against the measured choice of step 2;
 # 4. timm's anchor for CondConv (suite timm_condconv): timm's own efficientnet_cc_b0_4e and dynconv's CondConv(4x) on
-#    EfficientNet-B0, both against efficientnet_b0 in one run.
+#    EfficientNet-B0, both against efficientnet_b0 in one run; in float32 and in fp16 autocast (bench.amp=fp16: timm's
+#    published benchmark files, the 0.65x of the issue, are AMP runs), and ResNet18 in fp16 autocast.
 # Each step writes its Markdown + JSON under out_dir (default benchmarks/gpu); a failed step does not stop the others,
 # and the script's exit status is the number of failed steps.
 set -u
@@ -27,4 +28,6 @@ step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=
 step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=64 bench.mode=memory bench.out="$out/resnet18_b64_memory"
 step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=64 bench.mode=memory kernel_memory=keep bench.out="$out/resnet18_b64_memory_keep"
 step python scripts/bench.py bench.suite=timm_condconv bench.device=cuda bench.batch=64 bench.warmup=3 bench.out="$out/timm_condconv"
+step python scripts/bench.py bench.suite=timm_condconv bench.device=cuda bench.batch=64 bench.warmup=3 bench.amp=fp16 bench.out="$out/timm_condconv_fp16"
+step python scripts/bench.py bench.suite=resnet18 bench.device=cuda bench.batch=64 bench.warmup=3 bench.amp=fp16 bench.out="$out/resnet18_b64_fp16"
 exit "$failed"

@@ -116,3 +116,50 @@ def test_validation_names_key_and_allowed_values(key, value):
     bench[key] = value
     with pytest.raises(ConfigError, match=rf"bench\.{key}=.*allowed values"):
         validate_bench_config(bench)
+
+
+def test_fp16_autocast_is_refused_on_the_cpu_naming_the_key():
+    from omegaconf import OmegaConf
+
+    from dynconv.benchmark import validate_bench_config
+    from dynconv.config import ConfigError
+
+    bench = OmegaConf.load(REPO / "configs" / "bench.yaml").bench
+    bench.device, bench.amp = "cpu", "bf16"
+    validate_bench_config(bench)  # bfloat16 autocast runs on the CPU
+    bench.amp = "fp16"
+    with pytest.raises(ConfigError, match=r"bench\.amp='fp16' runs on CUDA only.*allowed values here: none, bf16"):
+        validate_bench_config(bench)
+    bench.amp = "half"
+    with pytest.raises(ConfigError, match=r"bench\.amp='half'.*allowed values: none, bf16, fp16"):
+        validate_bench_config(bench)
+
+
+def test_amp_steps_run_the_forward_in_autocast_and_keep_float32_weights():
+    """bench.amp=bf16: the training step's forward (a dynamic model's included) runs in bfloat16 autocast, the SGD
+    step updates float32 weights with finite values; inference runs in autocast too; without amp, float32."""
+    import torch
+
+    import dynconv
+    from dynconv import benchmark as bm
+
+    torch.manual_seed(0)
+    model = dynconv.create_model("resnet18", op="dyconv", kernels=2, num_classes=10)
+    seen = []
+    model.get_submodule("net.fc").register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    inputs, targets = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    bm.training_step(model, inputs, targets, bm.make_optimizer(model), "bf16")()
+    bm.inference_step(model, inputs, "bf16")()
+    bm.inference_step(model, inputs, "none")()
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32]
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert changed and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_amp_is_reported_in_the_result():
+    completed, result = run_bench(TINY + ["bench.amp=bf16", "bench.mode=inference", "bench.repeats=1",
+                                          "bench.warmup=0"], timeout=120)
+    assert completed.returncode == 0 and result is not None, describe(completed)
+    assert result["amp"] == "bf16" and result["inference_ratio"] > 0
+    assert "autocast bf16" in completed.stdout

@@ -8,6 +8,9 @@ backbone, attention, task); the scripts compose through their own `config(argv)`
 `main` would. Environment assignments in front of a command (`DYNCONV_CONV_ALGORITHM=model python ...`) are
 applied while it composes. Paths that only exist on a user's machine (`data.root=/imagenet`,
 `checkpoint=outputs/<run>/...`) are not checked: composing does not read them.
+
+The shell scripts of scripts/ (the prepared GPU run, scripts/gpu_check.sh) are read the same way, each line a
+command (a leading `step` wrapper dropped): minutes on a lent GPU must not be lost to a misspelt override.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ from dynconv.config import register_resolvers, validate_model_config
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+SHELL_SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
+SHELL_WRAPPERS = ("step",)  # shell functions in front of a command (gpu_check.sh's `step`: count failures, go on)
 FENCE = re.compile(r"^```(?:bash|sh|shell|console)\s*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 APPS = {"train.py": "train", "eval.py": "eval"}  # Hydra apps: the config they compose
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 
 
-def _commands(text: str):
-    """(script, args, env) for every dynconv command in the fenced bash blocks of `text`."""
-    for block in FENCE.findall(text):
+def _commands(text: str, shell: bool = False):
+    """(script, args, env) for every dynconv command in the fenced bash blocks of `text` (`shell`: all of `text`,
+    a shell script)."""
+    for block in [text] if shell else FENCE.findall(text):
         for line in block.replace("\\\n", " ").splitlines():
             lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
             lexer.whitespace_split = True
@@ -52,6 +58,8 @@ def _commands(text: str):
 
 
 def _dynconv_command(tokens: list[str]):
+    if tokens and tokens[0] in SHELL_WRAPPERS:
+        tokens = tokens[1:]
     env = {}
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", tokens[0]):
         key, _, value = tokens.pop(0).partition("=")
@@ -71,6 +79,9 @@ def _documented():
     for path in DOC_FILES:
         for script, args, env in _commands(path.read_text()):
             found.append(pytest.param(script, args, env, id=f"{path.name}: {script} {' '.join(args)}"[:150]))
+    for path in SHELL_SCRIPTS:
+        for script, args, env in _commands(path.read_text(), shell=True):
+            found.append(pytest.param(script, args, env, id=f"{path.name}: {script} {' '.join(args)}"[:150]))
     return found
 
 
@@ -82,6 +93,8 @@ def test_the_docs_hold_commands_of_every_entry_point():
     scripts = {param.values[0] for param in COMMANDS}
     assert {"train.py", "eval.py", "scripts/profile.py", "scripts/bench.py"} <= scripts, scripts
     assert len(COMMANDS) >= 10
+    in_scripts = [param for param in COMMANDS if param.id.startswith("gpu_check.sh: ")]
+    assert len(in_scripts) >= 8 and any("bench.amp=fp16" in param.id for param in in_scripts)
 
 
 def _expand_sweeps(args: list[str]) -> list[list[str]]:

@@ -570,3 +570,42 @@ def test_compiled_call_uses_the_model_without_graph_breaks(measured):
     with selector.policy("model"):
         torch.testing.assert_close(out, layer(*args))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("algorithm", ["folded", "bmm", "bmm_t", "loop"])
+def test_algorithms_under_bfloat16_autocast(algorithm):
+    """Under CPU autocast (bench.amp=bf16, recipe.amp=bf16) every algorithm computes in bfloat16, whatever the
+    inputs' dtypes (a float32 feature map with bfloat16 kernels, as a network under autocast hands them over), and
+    returns gradients in the inputs' own dtypes, close to the float32 result."""
+    x, w, b, conv = _inputs("stride2", 3, True)
+    x, w, b = x.float().requires_grad_(True), w.bfloat16().requires_grad_(True), b.float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = per_sample_conv2d(x, w, b, **conv, algorithm=algorithm)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().square().sum(), (x, w, b))
+    assert [g.dtype for g in grads] == [torch.float32, torch.bfloat16, torch.float32]
+    leaves = [t.detach().float().requires_grad_(True) for t in (x, w, b)]
+    y_ref = _reference(*leaves, conv)
+    torch.testing.assert_close(y.float(), y_ref, rtol=0.05, atol=0.2)
+    for g, g_ref in zip(grads, torch.autograd.grad(y_ref.square().sum(), leaves)):
+        torch.testing.assert_close(g.float(), g_ref, rtol=0.05, atol=0.05 * g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["kernels", "outputs", "fused"])
+@pytest.mark.parametrize("scales", ["none", "channel+filter"])
+def test_mixture_modes_under_bfloat16_autocast(mode, scales):
+    """Under CPU autocast every mixture mode, the ones the selector leaves out there ("fused") included when asked
+    for by name, computes in bfloat16 and returns gradients in the inputs' dtypes, close to float32."""
+    tensors, conv = _mixture_inputs("3x3", 3, True, scales, False)
+    leaves = [None if t is None else t.float().requires_grad_(True) for t in tensors]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mixture_conv2d(*leaves[:4], **conv, mode=mode, spatial=leaves[4], channel=leaves[5], filter=leaves[6])
+    assert y.dtype == torch.bfloat16
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y.float().square().sum(), wanted)
+    assert all(g.dtype == torch.float32 for g in grads)
+    ref_leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in leaves]
+    y_ref = _mixture_reference(*ref_leaves, conv)
+    torch.testing.assert_close(y.float(), y_ref, rtol=0.05, atol=0.05 * y_ref.abs().max().item())
+    for g, g_ref in zip(grads, torch.autograd.grad(y_ref.square().sum(), [t for t in ref_leaves if t is not None])):
+        torch.testing.assert_close(g, g_ref, rtol=0.05, atol=0.05 * g_ref.abs().max().item())

@@ -35,7 +35,8 @@ import torch
 ENV_VAR = "DYNCONV_ALGORITHM_CACHE"
 OFF_VALUES = ("off", "0", "false", "no", "none")
 # Raise when an algorithm's implementation changes (its speed, not its result): stored choices then no longer apply.
-# 2: KernelWarehouse "fused" became a candidate; 3: mixture "triton" (CUDA); 4: per-sample "bmm_t" (training).
+# 2: KernelWarehouse "fused" became a candidate; 3: mixture "triton" (CUDA); 4: per-sample "bmm_t" (training), mixture
+# "fused" under autocast.
 ALGORITHMS_VERSION = 4
 
 _loaded: dict[Path, dict[str, dict[str, Any]]] = {}

@@ -102,7 +102,7 @@ class MixtureRoutine(selector.Routine):
         if algorithm == "outputs":
             return spatial is None
         if algorithm == "fused":
-            return params[3] == 1 and not selector.autocast_on(x)  # a custom autograd function
+            return params[3] == 1
         if algorithm == "triton":  # CUDA only (the interpreter, on CPU tensors, is for tests)
             return triton_mixture.applicable(x, tensors[1], params[3])
         return True

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dynconv.functional import selector
 from dynconv.functional.im2col import im2col
 
 # Elements of one block of mixed kernels (B x block x K): 4M float32 = 16 MB, half of a 32 MB L3 and below the
@@ -42,6 +43,9 @@ class MixtureMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cols: torch.Tensor, experts: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        dtype = selector.autocast_dtype(cols)
+        if dtype is not None:  # autocast: multiply, and keep for the backward, in its dtype, as its matmuls would
+            cols, experts, coefficients = cols.to(dtype), experts.to(dtype), coefficients.to(dtype)
         batch, k, _ = cols.shape
         n, out_channels, _ = experts.shape
         outs = []
@@ -173,8 +177,9 @@ def scale_kernels(kernels: torch.Tensor, spatial, channel, filter, groups: int) 
 
 
 def scale_outputs(out: torch.Tensor, filter: torch.Tensor | None) -> torch.Tensor:
-    """y_b . filter_b per output channel (B, O), for the algorithms that do not fold it into a kernel."""
-    return out if filter is None else out * filter[:, :, None, None]
+    """y_b . filter_b per output channel (B, O), for the algorithms that do not fold it into a kernel; in the
+    output's dtype, as the scale folded into a kernel would be (under autocast: bfloat16 / float16)."""
+    return out if filter is None else out * filter[:, :, None, None].to(out.dtype)
 
 
 def by_outputs(x, experts, coefficients, expert_bias, spatial, channel, filter, stride, padding, dilation, groups):

@@ -161,8 +161,11 @@ class _BmmTransposedGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight, columns)
-        return torch.bmm(weight, columns)
+        out = torch.bmm(weight, columns)
+        # Under autocast bmm multiplies both in autocast's dtype: the backward's products must see them so too
+        # (the engine casts each gradient back to its input's dtype).
+        ctx.save_for_backward(weight.to(out.dtype), columns.to(out.dtype))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -191,8 +194,8 @@ def _bmm(x, weight, bias, stride, padding, dilation, groups, matmul=torch.bmm):
         columns = columns.view(batch, groups, -1, columns.shape[-1])
         out = torch.matmul(weight.reshape(batch, groups, out_channels // groups, -1), columns)
         out = out.reshape(batch, out_channels, -1)
-    if bias is not None:
-        out = out + bias.unsqueeze(-1)
+    if bias is not None:  # in the product's dtype, as a convolution adds its bias (under autocast: bfloat16 too)
+        out = out + bias.unsqueeze(-1).to(out.dtype)
     return out.view(batch, out_channels, out_h, out_w)
 
 

@@ -335,9 +335,15 @@ def _measuring_allowed(*tensors: torch.Tensor) -> bool:
 
 def autocast_on(x: torch.Tensor) -> bool:
     """Whether autocast is on for x's device (CPU and CUDA; other devices have none here). Algorithms written as
-    custom autograd functions leave themselves out under it: their backward would see mixed dtypes."""
+    custom autograd functions either cast their inputs to `autocast_dtype` in their forward (so that the backward
+    sees one dtype) or leave themselves out under it."""
     device = x.device.type
     return torch.is_autocast_enabled(device) if device in ("cpu", "cuda") else False
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on x's device, or None when it is off."""
+    return torch.get_autocast_dtype(x.device.type) if autocast_on(x) else None
 
 
 def _context_key(routine: Routine, tensors: Tensors) -> tuple:
