@@ -145,6 +145,28 @@ def test_conv_batched_equals_per_sample_reference(case, batch, algorithm):
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("algorithm", ["assemble", "cells", "fused"])
+def test_conv_algorithms_under_bfloat16_autocast(algorithm):
+    """Under CPU autocast (recipe.amp=bf16, bench.amp=bf16) every algorithm, "fused" (a custom autograd function)
+    included, computes in bfloat16 and returns float32 gradients close to the float32 reference's."""
+    torch.manual_seed(0)
+    layer = standalone_conv(**CONV_CASES["3x3-s2-wider"]).float().eval()
+    x = torch.randn(3, layer.in_channels, 7, 7, requires_grad=True)
+    with choice.policy(algorithm), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = reference_conv(layer, x)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05 * scale)
+    params = [x, layer.warehouse.cells]
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out.float(), params, grad_out)
+    want = torch.autograd.grad(expected, params, grad_out)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05 * w.abs().max().item())
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_linear_batched_equals_per_sample_reference(batch):
     """KWLinear on tokens (B, N, C) against a per-sample F.linear with the loop-built matrix."""

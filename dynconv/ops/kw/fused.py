@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from dynconv.functional import selector
 from dynconv.functional.im2col import im2col
 from dynconv.functional.mixture_algorithms import channel_blocks
 from dynconv.functional.per_sample import conv_output_size
@@ -69,6 +70,9 @@ class WarehouseMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cols, alpha, cells, partition):
+        dtype = selector.autocast_dtype(cols)
+        if dtype is not None:  # autocast: multiply, and keep for the backward, in its dtype, as its matmuls would
+            cols, alpha, cells = cols.to(dtype), alpha.to(dtype), cells.to(dtype)
         batch, k, positions = cols.shape
         n, cell_out = cells.shape[:2]
         cells_flat = cells.view(n, cell_out, -1)
