@@ -13,7 +13,7 @@ compute it:
   constant in ONNX.
 - "bmm_t": "bmm" whose backward computes the columns' gradient positions-major, (L x O) by (O x C*kh*kw) per
   sample, instead of autograd's (C*kh*kw x O) by (O x L). With few output positions L (ResNet's 7x7 stage: 49)
-  autograd's layout gives the matmul a 49-wide output rows that vector registers tile badly; the transposed one
+  autograd's layout gives the matmul 49-wide output rows, which vector registers tile badly; the transposed one
   has C*kh*kw-wide rows. Measured on a 2-core Xeon (AVX-512), batch 16, forward + backward: 1.18-1.23x faster
   than "bmm" for 7x7 outputs, 0.5-0.86x for 14x14 and above, so it is timed for training calls with at most
   `BMM_T_MAX_OUTPUT_POSITIONS` output positions only. The forward is "bmm"'s; grouped layers (forced) run bmm's.
@@ -137,7 +137,6 @@ class PerSampleRoutine(selector.Routine):
                 and out_h * out_w <= BMM_T_MAX_OUTPUT_POSITIONS):
             names.append("bmm_t")  # the same forward as bmm: worth timing only where the backward runs
         return names + (["loop"] if x.shape[0] <= LOOP_MAX_BATCH else [])
-
 
     def shape_key(self, tensors, params):
         x, weight, bias = tensors
