@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynconv.precision import AMP_DTYPES, autocast
+
 
 BENCH_DEVICES = ("auto", "cpu", "cuda")
-# bench.amp: the autocast dtype of both models' forward passes (train.py's recipe.amp); fp16 on CUDA only.
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Smallest sensible value of each integer knob. Resolution: a ResNet/MobileNet downsamples 32x, so 32px is
 # where the last stage still sees a 1x1 map. Warmup may be 0 (the first repeat then pays one-off costs).
 BENCH_MINIMUMS = {"batch": 1, "resolution": 32, "repeats": 1, "steps": 1, "warmup": 0, "num_classes": 1}
@@ -98,7 +98,7 @@ def validate_bench_config(bench: Mapping[str, Any], check_device: bool = True) -
     device = knobs.choice("device", BENCH_DEVICES)
     if check_device and device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench.device='cuda' but no CUDA device is available; allowed values here: auto, cpu")
-    amp = knobs.choice("amp", tuple(AMP_DTYPES), default="none")
+    amp = knobs.choice("amp", tuple(AMP_DTYPES), default="none")  # train.py's recipe.amp; fp16 on CUDA only
     on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if check_device and amp == "fp16" and not on_cuda:
         raise ConfigError(f"bench.amp='fp16' runs on CUDA only, and bench.device={device!r} runs on the CPU here; "
@@ -226,12 +226,6 @@ def images_per_second(batch: int, ms: float | None) -> float | None:
     """Throughput (FPS, images/s) of a measurement that handles `batch` images in `ms` milliseconds: what
     KernelWarehouse's Table 12 reports (inference at batch 100)."""
     return None if ms is None else round(1000.0 * batch / ms, 3)
-
-
-def autocast(device: torch.device, amp: str | None) -> ContextManager:
-    """`torch.autocast` for bench.amp ("none"/None: no autocast), as train.py's trainer enters it."""
-    dtype = AMP_DTYPES[amp or "none"]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def training_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,

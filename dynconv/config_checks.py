@@ -22,7 +22,7 @@ from dynconv.knobs import Knobs, is_int, is_number
 Rule = Callable[[Knobs, str], Any]
 
 SCHEDULES = ("cosine", "step", "multistep", "linear", "poly", "none")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "bf16", "fp16")  # dynconv.precision.AMP_DTYPES maps them to autocast dtypes
 DEVICES = ("auto", "cpu", "cuda")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 # What both timm's `str_to_interp_mode` (ImageNet-style transforms) and torchvision's `InterpolationMode`

@@ -163,3 +163,11 @@ def test_amp_is_reported_in_the_result():
     assert completed.returncode == 0 and result is not None, describe(completed)
     assert result["amp"] == "bf16" and result["inference_ratio"] > 0
     assert "autocast bf16" in completed.stdout
+
+
+def test_one_set_of_amp_modes_for_training_and_benchmarks():
+    """recipe.amp and bench.amp accept the same values, mapped to autocast dtypes in one place."""
+    from dynconv.config_checks import AMP_MODES
+    from dynconv.precision import AMP_DTYPES
+
+    assert tuple(AMP_DTYPES) == AMP_MODES

@@ -30,6 +30,7 @@ from dynconv.engine.distributed import DistInfo, init_distributed
 from dynconv.engine.run_naming import config_fingerprint
 from dynconv.engine.trainer import Trainer, optimizer_steps_per_epoch
 from dynconv.functional import recompute, selector
+from dynconv.precision import amp_dtype
 
 log = logging.getLogger("dynconv")
 
@@ -46,10 +47,6 @@ def to_channels_last(model: torch.nn.Module) -> None:
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.dim() == 4:
             tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-
-
-def _amp_dtype(mode: str) -> torch.dtype | None:
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def load_resume_state(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
@@ -369,7 +366,7 @@ def _train(cfg: DictConfig, config_dict: dict[str, Any], run_dir: Path, payload:
     trainer = Trainer(
         model=model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=data.train_loader,
         train_sampler=data.train_sampler, val_loader=data.val_loader, dist=dist, epochs=cfg.recipe.epochs,
-        config=config_dict, amp_dtype=_amp_dtype(cfg.recipe.amp), clip_grad=cfg.recipe.clip_grad,
+        config=config_dict, amp_dtype=amp_dtype(cfg.recipe.amp), clip_grad=cfg.recipe.clip_grad,
         channels_last=cfg.recipe.channels_last, compile_model=cfg.recipe.compile,
         max_nonfinite=cfg.nonfinite.max_consecutive, accum_steps=record["accum_steps"], log=log,
         eval_progress=dist.is_main and bool(cfg.log.progress_bar),
